@@ -1,0 +1,40 @@
+# `make bench` runs the benchmark suite, `make test` the whole test suite. Both create .venv on
+# first use and install the project into it (torch pins first, then the project with its C++
+# extension, built against that torch).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+EXTENSION_SOURCES := $(wildcard csrc/*.cpp csrc/*.h)
+
+.PHONY: install extension test test-cpu test-triton bench clean
+
+$(INSTALLED): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+install: $(INSTALLED)
+
+# Rebuild the extension in place when its sources change (ninja makes this incremental).
+extension: $(INSTALLED) $(EXTENSION_SOURCES)
+	@if [ "$$STADAPTER_SKIP_CPP_BUILD" != "1" ]; then $(PY) setup.py --quiet build_ext --inplace; fi
+
+test: test-cpu test-triton
+
+test-cpu: extension
+	$(PY) -m pytest tests --ignore=tests/triton -q
+
+# The Triton kernels run on CPU tensors in the interpreter, which must be enabled before
+# triton is imported: hence a process of their own.
+test-triton: extension
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q
+
+bench: extension
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf build *.egg-info stadapter_kernels/*.so

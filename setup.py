@@ -1,0 +1,63 @@
+"""Build and install stadapter_kernels (the op, with its C++ CPU extension) and stadapter.
+
+Environment flags:
+    STADAPTER_SKIP_CPP_BUILD=1   install without compiling csrc/ (backend "cpp" is then unavailable
+                                 and `explain` says so; "auto" uses the reference on CPU).
+    MAX_JOBS=N                   parallel compile jobs for ninja (torch's BuildExtension reads it).
+    STADAPTER_CPP_DEBUG=1        build the extension with -O0 -g for debugging.
+
+torch must already be installed (pip install --no-build-isolation), as `make` does: the
+extension compiles against the torch that will run it.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+SKIP_CPP_BUILD = os.environ.get("STADAPTER_SKIP_CPP_BUILD", "0") == "1"
+DEBUG = os.environ.get("STADAPTER_CPP_DEBUG", "0") == "1"
+
+TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+
+
+def cpp_extensions():
+    if SKIP_CPP_BUILD:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    if not sources:
+        return [], {}
+    optimisation = ["-O0", "-g"] if DEBUG else ["-O3"]
+    extension = CppExtension(
+        name="stadapter_kernels._C",
+        sources=[os.path.relpath(s, ROOT) for s in sources],
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": optimisation + ["-std=c++20", "-fopenmp", "-Wall"]},
+        extra_link_args=["-fopenmp"],
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cpp_extensions()
+
+setup(
+    name="stadapter",
+    version="0.1.0",
+    description="Fused spatio-temporal adapters (ST-Adapter) for video transformers: Triton and C++ kernels",
+    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["stadapter_kernels*", "stadapter*", "benchmarks*"]),
+    install_requires=TORCH_PINS + ["timm", "einops", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["stadapter=stadapter.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

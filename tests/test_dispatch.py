@@ -1,0 +1,74 @@
+"""`backend="auto"` resolution, `explain`, forced backends, autocast and the channel-stride copy."""
+
+import pytest
+import torch
+
+import stadapter_kernels as sk
+from parity import Case, call, make_inputs, rel_error
+from stadapter_kernels.dispatch import unavailable_reason
+from stadapter_kernels.reference import oracle
+
+CASE = Case(cond=True)
+
+
+def explain(case, inputs, **extra):
+    return call(sk.explain, inputs, case, **extra)
+
+
+def test_auto_on_cpu_picks_cpp_if_built_else_reference():
+    inputs = make_inputs(CASE, seed=0)
+    choice = explain(CASE, inputs)
+    assert choice.backend in ("cpp", "reference")
+    assert "triton" in choice.rejected  # CPU tensors never go to Triton unless forced
+    if choice.backend == "reference":
+        assert "cpp" in choice.rejected
+    assert choice.backend in str(choice)
+
+
+def test_spatial_kernel_falls_back_to_the_reference_and_says_why():
+    case = CASE.with_(kernel_hw=3, tokens=10)
+    choice = explain(case, make_inputs(case, seed=0))
+    assert choice.backend == "reference"
+    assert choice.rejected and all(choice.rejected.values())
+
+
+def test_forcing_a_backend_that_cannot_serve_raises():
+    case = CASE.with_(kernel_hw=3, tokens=10)
+    inputs = make_inputs(case, seed=0)
+    for backend in ("cpp", "triton"):
+        with pytest.raises(sk.BackendUnavailableError, match=f"backend='{backend}' cannot serve"):
+            call(sk.st_adapter, inputs, case, backend=backend)
+
+
+def test_forced_reference_is_reported():
+    inputs = make_inputs(CASE, seed=0)
+    assert explain(CASE, inputs, backend="reference").backend == "reference"
+
+
+def test_non_unit_channel_stride_is_copied_once_and_stated():
+    case = CASE.with_(layout="btlc")
+    inputs = make_inputs(case, seed=0)
+    x = inputs["x"].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, channel stride != 1
+    inputs = dict(inputs, x=x)
+    choice = explain(case, inputs)
+    assert any("stride" in c for c in choice.copies)
+    out = call(sk.st_adapter, inputs, case)
+    expected = call(oracle, inputs, case)
+    assert rel_error(out, expected) < 1e-5
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    inputs = make_inputs(CASE, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(sk.st_adapter, inputs, CASE)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, call(oracle, inputs, CASE)) < 1e-2
+
+
+def test_unavailable_reason_is_a_sentence_or_none():
+    from stadapter_kernels.spec import validate
+    inputs = make_inputs(CASE, seed=0)
+    spec = validate(*list(inputs.values())[:7], cond=inputs["cond"], num_frames=3, prefix=1,
+                    activation="gelu", scale=0.5, layout="nlc")
+    assert unavailable_reason("reference", spec) is None
+    assert isinstance(unavailable_reason("triton", spec), str)

@@ -1,0 +1,223 @@
+"""The fused backward kernels: nothing of the forward is saved but x; the bottleneck is recomputed.
+
+Three kernels, each reading the large tensors (x, grad_out) once:
+
+1. `st_adapter_backward_bottleneck_kernel` walks T like the forward (same rolling window),
+   recomputes y, z and a = act(z), computes da = scale * grad_out @ w_up and
+   dz = da * act'(z), and writes a and dz to transient (tokens x Ca) buffers that live only for
+   this backward call. The conv weight and bias gradients need the window of y, so they are
+   reduced here into fp32 per-program partials.
+2. `st_adapter_backward_input_kernel` applies the transposed temporal conv to dz
+   (dy[t] = sum_j w_conv[:, j] * dz[t - j + kt//2]), writes dy, and computes
+   dx = grad_out + dy @ w_down fused with the residual gradient (prefix tokens are copied).
+   It also writes fp32 per-program partial sums of dy (for the fc1 bias and cond gradients)
+   and of grad_out (for the fc2 bias gradient).
+3. `token_outer_product_kernel` is a split-K GEMM over tokens, sum_n A[n, :]^T B[n, :], that
+   reads the strided (B, T, L, C) token tensor with no copy: dW_up = scale * grad_out^T a and
+   dW_down^T = x^T dy. Each split writes an fp32 partial.
+
+Every partial is reduced by torch.sum in a fixed order, so all gradients are deterministic
+(no atomics).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import activation_derivative, activation_forward, copy_prefix_tile, down_projection, temporal_conv
+
+
+@triton.jit
+def st_adapter_backward_bottleneck_kernel(
+    x_ptr, grad_ptr, w_down_ptr, b_down_ptr, w_conv_ptr, b_conv_ptr, w_up_ptr, cond_ptr,
+    a_buf_ptr, dz_buf_ptr, conv_partial_ptr,
+    T, P, C, CA, prefix,
+    x_sb, x_st, x_sl, g_sb, g_st, g_sl,
+    scale,
+    KT: tl.constexpr, CA_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_B_DOWN: tl.constexpr, HAS_B_CONV: tl.constexpr, HAS_COND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch = tl.program_id(1)
+    b = batch.to(tl.int64)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_mask = p < P
+    token = (prefix + p).to(tl.int64)
+    x_rows = b * x_sb + token * x_sl
+    g_rows = b * g_sb + token * g_sl
+    buf_rows = (b * T * P + p) * CA  # row offsets of frame 0 in the contiguous (B, T, P, Ca) buffers
+    ca = tl.arange(0, CA_PAD)
+    ca_mask = ca < CA
+    buf_mask = row_mask[:, None] & ca_mask[None, :]
+    window_dtype = x_ptr.dtype.element_ty
+    half = KT // 2
+
+    zero = tl.zeros((BLOCK_P, CA_PAD), window_dtype)
+    y_m2 = zero
+    y_m1 = zero
+    y_0 = zero
+    y_p1 = zero
+    if KT >= 3:
+        y_0 = down_projection(x_ptr, x_rows, row_mask, b * 0, T, w_down_ptr, b_down_ptr, cond_ptr, batch, C,
+                              CA, HAS_B_DOWN, HAS_COND, CA_PAD, BLOCK_C, DOT_PRECISION).to(window_dtype)
+    if KT == 5:
+        y_p1 = down_projection(x_ptr, x_rows + x_st, row_mask, b * 0 + 1, T, w_down_ptr, b_down_ptr, cond_ptr,
+                               batch, C, CA, HAS_B_DOWN, HAS_COND, CA_PAD, BLOCK_C, DOT_PRECISION).to(window_dtype)
+    # Per-program partial conv gradients, one (Ca,) vector per tap, and the conv bias gradient.
+    d_tap0 = tl.zeros((CA_PAD,), tl.float32)
+    d_tap1 = tl.zeros((CA_PAD,), tl.float32)
+    d_tap2 = tl.zeros((CA_PAD,), tl.float32)
+    d_tap3 = tl.zeros((CA_PAD,), tl.float32)
+    d_tap4 = tl.zeros((CA_PAD,), tl.float32)
+    d_conv_bias = tl.zeros((CA_PAD,), tl.float32)
+    for t in range(T):
+        frame = b * 0 + t  # int64, so frame * stride cannot overflow
+        y_new = down_projection(x_ptr, x_rows + (frame + half) * x_st, row_mask, frame + half, T, w_down_ptr,
+                                b_down_ptr, cond_ptr, batch, C, CA, HAS_B_DOWN, HAS_COND, CA_PAD, BLOCK_C,
+                                DOT_PRECISION).to(window_dtype)
+        if KT == 1:
+            z = temporal_conv(zero, zero, y_new, zero, zero, w_conv_ptr, b_conv_ptr, CA, KT, HAS_B_CONV, CA_PAD)
+        elif KT == 3:
+            z = temporal_conv(zero, y_m1, y_0, y_new, zero, w_conv_ptr, b_conv_ptr, CA, KT, HAS_B_CONV, CA_PAD)
+        else:
+            z = temporal_conv(y_m2, y_m1, y_0, y_p1, y_new, w_conv_ptr, b_conv_ptr, CA, KT, HAS_B_CONV, CA_PAD)
+        frame_buf = (buf_rows + frame * P * CA)[:, None] + ca[None, :]
+        tl.store(a_buf_ptr + frame_buf, activation_forward(z, ACTIVATION).to(window_dtype), mask=buf_mask)
+
+        da = tl.zeros((BLOCK_P, CA_PAD), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_mask = c < C
+            g = tl.load(grad_ptr + (g_rows + frame * g_st)[:, None] + c[None, :],
+                        mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+            w_up = tl.load(w_up_ptr + c[:, None].to(tl.int64) * CA + ca[None, :],
+                           mask=c_mask[:, None] & ca_mask[None, :], other=0.0)
+            da = tl.dot(g, w_up, da, input_precision=DOT_PRECISION)
+        dz = scale * da
+        if ACTIVATION != 0:
+            dz = dz * activation_derivative(z, ACTIVATION)
+        tl.store(dz_buf_ptr + frame_buf, dz, mask=buf_mask)
+
+        d_conv_bias += tl.sum(dz, axis=0)
+        if KT == 1:
+            d_tap0 += tl.sum(dz * y_new.to(tl.float32), axis=0)
+        elif KT == 3:
+            d_tap0 += tl.sum(dz * y_m1.to(tl.float32), axis=0)
+            d_tap1 += tl.sum(dz * y_0.to(tl.float32), axis=0)
+            d_tap2 += tl.sum(dz * y_new.to(tl.float32), axis=0)
+            y_m1 = y_0
+            y_0 = y_new
+        else:
+            d_tap0 += tl.sum(dz * y_m2.to(tl.float32), axis=0)
+            d_tap1 += tl.sum(dz * y_m1.to(tl.float32), axis=0)
+            d_tap2 += tl.sum(dz * y_0.to(tl.float32), axis=0)
+            d_tap3 += tl.sum(dz * y_p1.to(tl.float32), axis=0)
+            d_tap4 += tl.sum(dz * y_new.to(tl.float32), axis=0)
+            y_m2 = y_m1
+            y_m1 = y_0
+            y_0 = y_p1
+            y_p1 = y_new
+
+    # conv_partial is (programs, KT + 1, Ca): the taps, then the bias.
+    partial = conv_partial_ptr + (b * tl.num_programs(0) + tile) * (KT + 1) * CA + ca
+    tl.store(partial, d_tap0, mask=ca_mask)
+    if KT >= 3:
+        tl.store(partial + CA, d_tap1, mask=ca_mask)
+        tl.store(partial + 2 * CA, d_tap2, mask=ca_mask)
+    if KT == 5:
+        tl.store(partial + 3 * CA, d_tap3, mask=ca_mask)
+        tl.store(partial + 4 * CA, d_tap4, mask=ca_mask)
+    tl.store(partial + KT * CA, d_conv_bias, mask=ca_mask)
+
+
+@triton.jit
+def st_adapter_backward_input_kernel(
+    grad_ptr, dx_ptr, w_down_ptr, w_conv_ptr, dz_buf_ptr, dy_buf_ptr, dy_partial_ptr, grad_partial_ptr,
+    T, P, C, CA, prefix, partial_tiles,
+    g_sb, g_st, g_sl, dx_sb, dx_st, dx_sl,
+    KT: tl.constexpr, CA_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    t = tl.program_id(1)
+    batch = tl.program_id(2)
+    prefix_tiles = (prefix + BLOCK_P - 1) // BLOCK_P
+    if tile < prefix_tiles:
+        if t == 0:
+            copy_prefix_tile(grad_ptr, dx_ptr, tile, batch, T, C, prefix, g_sb, g_st, g_sl, dx_sb, dx_st, dx_sl,
+                             BLOCK_P, BLOCK_C)
+    else:
+        patch_tile = tile - prefix_tiles
+        b = batch.to(tl.int64)
+        frame = t.to(tl.int64)
+        p = patch_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        row_mask = p < P
+        token = (prefix + p).to(tl.int64)
+        ca = tl.arange(0, CA_PAD)
+        ca_mask = ca < CA
+        buf_rows = (b * T * P + p) * CA
+        half = KT // 2
+
+        dy = tl.zeros((BLOCK_P, CA_PAD), tl.float32)
+        for tap in tl.static_range(KT):
+            source = frame - tap + half  # the frame whose z read y[t] through this tap
+            source_ok = (source >= 0) & (source < T)
+            dz = tl.load(dz_buf_ptr + (buf_rows + source * P * CA)[:, None] + ca[None, :],
+                         mask=row_mask[:, None] & ca_mask[None, :] & source_ok, other=0.0)
+            w = tl.load(w_conv_ptr + ca * KT + tap, mask=ca_mask, other=0.0).to(tl.float32)
+            dy += w[None, :] * dz
+        # Partials are (B, T, partial_tiles, .): partial_tiles >= the tiles of this launch.
+        partial_row = (b * T + frame) * partial_tiles + patch_tile
+        tl.store(dy_partial_ptr + partial_row * CA + ca, tl.sum(dy, axis=0), mask=ca_mask)
+        dy_low = dy.to(dy_buf_ptr.dtype.element_ty)
+        tl.store(dy_buf_ptr + (buf_rows + frame * P * CA)[:, None] + ca[None, :], dy_low,
+                 mask=row_mask[:, None] & ca_mask[None, :])
+
+        g_rows = b * g_sb + frame * g_st + token * g_sl
+        dx_rows = b * dx_sb + frame * dx_st + token * dx_sl
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_mask = c < C
+            mask = row_mask[:, None] & c_mask[None, :]
+            w_down = tl.load(w_down_ptr + ca[:, None].to(tl.int64) * C + c[None, :],
+                             mask=ca_mask[:, None] & c_mask[None, :], other=0.0)
+            g = tl.load(grad_ptr + g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx = g + tl.dot(dy_low, w_down, input_precision=DOT_PRECISION)
+            tl.store(dx_ptr + dx_rows[:, None] + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_partial_ptr + partial_row * C + c, tl.sum(g, axis=0), mask=c_mask)
+
+
+@triton.jit
+def token_outer_product_kernel(
+    tokens_ptr, buf_ptr, partial_ptr,
+    T, P, C, CA, prefix, N, tokens_per_split,
+    t_sb, t_st, t_sl,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """partial[split, c, a] = sum over this split's tokens n of tokens[n, c] * buf[n, a].
+
+    `tokens` is a strided (B, T, L, C) tensor whose patch tokens (after `prefix`) are the rows,
+    in (b, t, p) order; `buf` is a contiguous (N, Ca) buffer in the same row order.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    split = tl.program_id(2)
+    c_mask = c < C
+    a_mask = a < CA
+    start = split.to(tl.int64) * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, N)
+    acc = tl.zeros((BLOCK_C, BLOCK_A), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        p = n % P
+        frame = (n // P) % T
+        b = n // (P * T)
+        rows = b * t_sb + frame * t_st + (prefix + p) * t_sl
+        lhs = tl.load(tokens_ptr + rows[None, :] + c[:, None], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        rhs = tl.load(buf_ptr + n[:, None] * CA + a[None, :], mask=n_mask[:, None] & a_mask[None, :], other=0.0)
+        acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+    out = partial_ptr + (split.to(tl.int64) * C + c[:, None]) * CA + a[None, :]
+    tl.store(out, acc, mask=c_mask[:, None] & a_mask[None, :])

@@ -1,0 +1,90 @@
+"""The shipped launch configurations: the single source of truth for autotuning and `inspect`.
+
+Tile sizes are chosen per kernel and per CA_PAD (Ca rounded up to a power of two), because the
+rolling window of bottleneck tiles held in registers grows with BLOCK_P x CA_PAD x kt. Every
+config listed here was compiled ahead of time for sm_80 and sm_90 and shows no spill (LOCAL
+and STACK both 0); `tests/triton/test_resources.py` keeps it that way and
+`python -m stadapter_kernels.inspect` prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of a bottleneck kernel."""
+
+    block_p: int  # patch positions per program
+    block_c: int  # channels per step of the C loops
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"p{self.block_p}_c{self.block_c}_w{self.num_warps}_s{self.num_stages}"
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config({"BLOCK_P": self.block_p, "BLOCK_C": self.block_c},
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclass(frozen=True)
+class OuterProductConfig:
+    """The fixed launch configuration of the weight-gradient GEMM over tokens.
+
+    Not autotuned: its split count and tile fix the reduction order, and a gradient must not
+    change with which config a benchmark happened to pick.
+    """
+
+    block_n: int
+    block_c: int
+    block_a: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"n{self.block_n}_c{self.block_c}_a{self.block_a}_w{self.num_warps}_s{self.num_stages}"
+
+
+#: Kernels whose configs are autotuned, keyed by name.
+TUNED_KERNELS = ("forward", "backward_bottleneck", "backward_input")
+
+_SMALL = (TileConfig(16, 32, 4, 2), TileConfig(32, 32, 4, 2), TileConfig(64, 32, 4, 2))
+_MEDIUM = (TileConfig(16, 32, 4, 2), TileConfig(32, 32, 8, 2))
+_LARGE = (TileConfig(16, 32, 8, 2),)
+
+#: (kernel, CA_PAD) -> configs, best guess first (the only one used under TRITON_INTERPRET=1).
+SHIPPED: dict[tuple[str, int], tuple[TileConfig, ...]] = {
+    (kernel, ca_pad): configs
+    for kernel in TUNED_KERNELS
+    for ca_pad, configs in ((16, _SMALL), (32, _SMALL), (64, _SMALL), (128, _MEDIUM), (256, _MEDIUM),
+                            (512, _LARGE))
+}
+
+#: The weight-gradient GEMM's config, per dtype size in bytes (fp32 tiles cost twice the shared memory).
+OUTER_PRODUCT = {2: OuterProductConfig(64, 64, 64, 4, 3), 4: OuterProductConfig(32, 64, 64, 4, 2)}
+
+#: Largest bottleneck the shipped configs cover.
+MAX_BOTTLENECK = max(ca_pad for _, ca_pad in SHIPPED)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def ca_pad(bottleneck: int) -> int:
+    """Ca rounded up to a power of two, at least 16 (the smallest tl.dot dimension)."""
+    return max(16, triton.next_power_of_2(bottleneck))
+
+
+def configs_for(kernel: str, bottleneck: int) -> tuple[TileConfig, ...]:
+    """The configs autotuning may pick for this kernel and Ca; one under the interpreter, which
+    would otherwise run (slowly) every config."""
+    configs = SHIPPED[(kernel, ca_pad(bottleneck))]
+    return configs[:1] if interpreting() else configs

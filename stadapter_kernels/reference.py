@@ -96,7 +96,7 @@ def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options:
     _, _, a = _bottleneck(x_patches, params, options.activation)
     up = F.linear(a.to(x.dtype), params.fc2_weight, params.fc2_bias)
     out[:, :, :prefix] = x[:, :, :prefix]
-    out[:, :, prefix:] = torch.add(x_patches, up, alpha=options.scale)
+    torch.add(x_patches, up, alpha=options.scale, out=out[:, :, prefix:])
 
 
 def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,

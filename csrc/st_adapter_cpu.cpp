@@ -1,0 +1,579 @@
+// Fused CPU kernels of the spatio-temporal adapter: forward, and a backward that recomputes the
+// bottleneck from x.
+//
+// Work is split into tiles of (one video, a run of patch positions) with a tiling that depends
+// only on the shape, never on the thread count. A tile walks the T frames and keeps the
+// temporal window of the bottleneck (kt frames of tile x Ca floats) in a ring buffer, so nothing
+// of tokens x Ca elements is ever written to memory: per frame, the down-projection, the
+// depthwise temporal conv + activation (at::vec) and the up-projection with the residual add
+// fused into its epilogue all run on cache-resident blocks.
+//
+// All arithmetic is float32: bfloat16/float16 rows are widened into a tile buffer before their
+// GEMM and rounded once when written. Besides accuracy, this is what makes the half-precision
+// path fast on CPUs without native bf16 matrix instructions, where ATen's bf16 GEMM is a slow
+// fallback while its float32 GEMM is MKL's.
+//
+// Determinism: every tile is computed by one thread with single-threaded GEMMs (at::mm inside
+// at::parallel_for), and weight-gradient partials are accumulated per reduction group (a fixed
+// run of tiles) and summed in group order, so results are bit-identical for any thread count.
+#include "st_adapter_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace stadapter {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+// Patch rows per tile (per frame) aimed at: large enough that a tile GEMM (rows x 768 x Ca)
+// runs near MKL's large-matrix speed, small enough that a thread's working set stays in L2/L3.
+constexpr int64_t kTargetTilePatches = 100;
+// Upper bound on the number of weight-gradient partials of the backward (each Ca x C floats,
+// twice): enough groups to keep every core busy, few enough that summing them is cheap.
+constexpr int64_t kMaxReductionGroups = 8;
+
+// ---------------------------------------------------------------------------------------------
+// Activations (formulas and derivatives of stadapter_kernels/activations.py)
+// ---------------------------------------------------------------------------------------------
+
+enum class Activation { kIdentity, kRelu, kGelu, kGeluTanh, kQuickGelu, kSilu };
+
+Activation parse_activation(const std::string& name) {
+  if (name == "identity") return Activation::kIdentity;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "quick_gelu") return Activation::kQuickGelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(false, "stadapter_cpp: unknown activation '", name, "'");
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) so each activation gets its own inner loops.
+template <typename F>
+void with_activation(Activation activation, F&& f) {
+  switch (activation) {
+    case Activation::kIdentity: return f(std::integral_constant<Activation, Activation::kIdentity>{});
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kQuickGelu: return f(std::integral_constant<Activation, Activation::kQuickGelu>{});
+    case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+}
+
+constexpr float kInvSqrt2 = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;
+constexpr float kGeluTanhCubic = 0.044715f;
+constexpr float kQuickGeluAlpha = 1.702f;
+
+inline Vec sigmoid(Vec v) {
+  const Vec one(1.0f);
+  return one / (one + v.neg().exp());
+}
+
+// act(z) and, when `derivative` is non-null, act'(z).
+template <Activation A>
+inline Vec activate(Vec z, Vec* derivative) {
+  const Vec one(1.0f), half(0.5f);
+  if constexpr (A == Activation::kIdentity) {
+    if (derivative) *derivative = one;
+    return z;
+  } else if constexpr (A == Activation::kRelu) {
+    const Vec zero(0.0f);
+    if (derivative) *derivative = Vec::blendv(zero, one, z > zero);
+    return at::vec::maximum(z, zero);
+  } else if constexpr (A == Activation::kGelu) {
+    const Vec cdf = half * (one + (z * Vec(kInvSqrt2)).erf());
+    if (derivative) *derivative = cdf + z * (Vec(-0.5f) * z * z).exp() * Vec(kInvSqrt2Pi);
+    return z * cdf;
+  } else if constexpr (A == Activation::kGeluTanh) {
+    const Vec z2 = z * z;
+    const Vec t = (Vec(kSqrt2OverPi) * (z + Vec(kGeluTanhCubic) * z2 * z)).tanh();
+    if (derivative) {
+      *derivative = half * (one + t) + half * z * (one - t * t) * Vec(kSqrt2OverPi) *
+                                           (one + Vec(3.0f * kGeluTanhCubic) * z2);
+    }
+    return half * z * (one + t);
+  } else if constexpr (A == Activation::kQuickGelu) {
+    const Vec s = sigmoid(Vec(kQuickGeluAlpha) * z);
+    if (derivative) *derivative = s + Vec(kQuickGeluAlpha) * z * s * (one - s);
+    return z * s;
+  } else {
+    const Vec s = sigmoid(z);
+    if (derivative) *derivative = s * (one + z * (one - s));
+    return z * s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes, strided views, parameters
+// ---------------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t batch, frames, tokens, channels, bottleneck, prefix, patches, kernel_t, half;
+  int64_t tile;             // patch rows per tile
+  int64_t tiles_per_video;  // ceil(patches / tile)
+  int64_t tiles;            // batch * tiles_per_video
+
+  int64_t video_of(int64_t tile_index) const { return tile_index / tiles_per_video; }
+  int64_t first_patch(int64_t tile_index) const { return (tile_index % tiles_per_video) * tile; }
+  int64_t rows_of(int64_t tile_index) const { return std::min(tile, patches - first_patch(tile_index)); }
+  // Ring-buffer slot of frame f: the last kt frames are alive at any step.
+  int64_t slot(int64_t frame) const { return frame % kernel_t; }
+};
+
+Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bottleneck, int64_t prefix,
+                 int64_t tile_patches) {
+  Shape s{};
+  s.batch = x.size(0);
+  s.frames = x.size(1);
+  s.tokens = x.size(2);
+  s.channels = x.size(3);
+  s.bottleneck = bottleneck;
+  s.prefix = prefix;
+  s.patches = s.tokens - prefix;
+  s.kernel_t = conv_weight.size(2);
+  s.half = s.kernel_t / 2;
+  TORCH_CHECK(s.patches > 0, "stadapter_cpp: prefix must be smaller than L");
+  // Equal-sized tiles: ceil(P / target) tiles, spread evenly, so no tile is a tiny remainder.
+  const int64_t target = tile_patches > 0 ? tile_patches : kTargetTilePatches;
+  const int64_t count = (s.patches + target - 1) / target;
+  s.tile = tile_patches > 0 ? tile_patches : (s.patches + count - 1) / count;
+  s.tiles_per_video = (s.patches + s.tile - 1) / s.tile;
+  s.tiles = s.batch * s.tiles_per_video;
+  return s;
+}
+
+// A (B, T, L, C) tensor with channel stride 1, addressed by row.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t stride_b, stride_t, stride_l;
+  T* row(int64_t b, int64_t t, int64_t l) const { return data + b * stride_b + t * stride_t + l * stride_l; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "stadapter_cpp: expected a (B, T, L, C) view with channel stride 1");
+  return Rows<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The parameters in float32, laid out for the kernels.
+struct Params {
+  at::Tensor fc1_weight;  // (Ca, C)
+  at::Tensor row_bias;    // (B, Ca): fc1 bias + cond[b]
+  at::Tensor taps;        // (kt, Ca): conv tap j of every channel, contiguous in the channel
+  at::Tensor conv_bias;   // (Ca,)
+  at::Tensor fc2_weight;  // (C, Ca)
+  at::Tensor fc2_bias;    // (C,)
+};
+
+Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                      const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                      const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                      const std::optional<at::Tensor>& cond) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  Params p;
+  p.fc1_weight = as_f32(fc1_weight);
+  p.fc2_weight = as_f32(fc2_weight);
+  p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
+  if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
+  if (cond) p.row_bias.add_(cond->to(at::kFloat));
+  p.taps = as_f32(conv_weight.reshape({s.bottleneck, s.kernel_t}).t());
+  p.conv_bias = conv_bias ? as_f32(*conv_bias) : at::zeros({s.bottleneck}, f32);
+  p.fc2_bias = fc2_bias ? as_f32(*fc2_bias) : at::zeros({s.channels}, f32);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks: GEMMs through ATen, widening/narrowing rows, vectorised row loops
+// ---------------------------------------------------------------------------------------------
+
+// A float32 row-major block as a tensor (no copy).
+at::Tensor block(const float* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// c = alpha * a @ b + beta * c, c row-major with leading dimension ldc; beta = 0 ignores c's contents.
+void gemm(float* c, int64_t ldc, const at::Tensor& a, const at::Tensor& b, float alpha, float beta) {
+  at::Tensor out = block(c, a.size(0), b.size(1), ldc);
+  at::addmm_out(out, out, a, b, beta, alpha);
+}
+
+// The rows as float32: the source itself for float32, else widened into `buffer` (ld = cols).
+template <typename scalar_t>
+const float* widen_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* buffer,
+                        int64_t* ld_out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (const auto r : c10::irange(rows)) at::vec::convert(src + r * ld, buffer + r * cols, cols);
+    *ld_out = cols;
+    return buffer;
+  }
+}
+
+// The residual row as float32: the row itself for float32, else widened into `scratch`.
+template <typename scalar_t>
+const float* residual_as_float(const scalar_t* src, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    at::vec::convert(src, scratch, n);
+    return scratch;
+  }
+}
+
+// dst = residual + scale * (u + bias) for one row of n channels; `scratch` holds n floats.
+template <typename scalar_t>
+void residual_row(scalar_t* dst, const scalar_t* residual, const float* u, const float* bias, float scale,
+                  int64_t n, float* scratch) {
+  const float* r = residual_as_float(residual, n, scratch);
+  float* o = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dst) : scratch;
+  const Vec vscale(scale);
+  int64_t c = 0;
+  for (; c + kVec <= n; c += kVec) {
+    const Vec v = bias ? Vec::loadu(u + c) + Vec::loadu(bias + c) : Vec::loadu(u + c);
+    at::vec::fmadd(vscale, v, Vec::loadu(r + c)).store(o + c);
+  }
+  for (; c < n; ++c) o[c] = r[c] + scale * (u[c] + (bias ? bias[c] : 0.0f));
+  if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(scratch, dst, n);
+}
+
+template <typename scalar_t>
+void copy_rows(scalar_t* dst, int64_t dst_ld, const scalar_t* src, int64_t src_ld, int64_t rows, int64_t cols) {
+  for (const auto r : c10::irange(rows)) std::copy_n(src + r * src_ld, cols, dst + r * dst_ld);
+}
+
+// acc[c] += alpha * sum_r m[r, c], rows summed in order.
+void add_column_sums(float* acc, const float* m, int64_t ld, int64_t rows, int64_t cols, float alpha) {
+  for (const auto r : c10::irange(rows)) {
+    const float* row = m + r * ld;
+    int64_t c = 0;
+    for (; c + kVec <= cols; c += kVec) {
+      at::vec::fmadd(Vec(alpha), Vec::loadu(row + c), Vec::loadu(acc + c)).store(acc + c);
+    }
+    for (; c < cols; ++c) acc[c] += alpha * row[c];
+  }
+}
+
+// y[r, :] += bias for a (rows x n) contiguous block.
+void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n) {
+  for (const auto r : c10::irange(rows)) {
+    float* row = y + r * n;
+    int64_t c = 0;
+    for (; c + kVec <= n; c += kVec) (Vec::loadu(row + c) + Vec::loadu(bias + c)).store(row + c);
+    for (; c < n; ++c) row[c] += bias[c];
+  }
+}
+
+// The window of frame t: z = conv_bias + sum_j taps[j] * y[t + j - half] (zero padding in T),
+// a = act(z), and act'(z) into `derivative` when it is non-null.
+template <Activation A>
+void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64_t t, int64_t rows, float* a,
+                     float* derivative) {
+  const int64_t ca = s.bottleneck, slot_size = s.tile * ca;
+  const float* taps = p.taps.data_ptr<float>();
+  const float* bias = p.conv_bias.data_ptr<float>();
+  const int64_t j_lo = std::max<int64_t>(0, s.half - t), j_hi = std::min(s.kernel_t, s.frames - t + s.half);
+  for (const auto r : c10::irange(rows)) {
+    for (int64_t c = 0; c < ca; c += kVec) {
+      const int64_t n = std::min(kVec, ca - c);
+      Vec z = Vec::loadu(bias + c, n);
+      for (int64_t j = j_lo; j < j_hi; ++j) {
+        const float* y = ring_y + s.slot(t + j - s.half) * slot_size + r * ca + c;
+        z = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(y, n), z);
+      }
+      Vec d;
+      activate<A>(z, derivative ? &d : nullptr).store(a + r * ca + c, n);
+      if (derivative) d.store(derivative + r * ca + c, n);
+    }
+  }
+}
+
+// Per-thread scratch of one tile: the kt-frame rings and per-frame blocks, all float32.
+struct Scratch {
+  std::vector<float> ring_y, ring_dz, a, derivative, bottleneck_grad, wide_x, wide_g, wide_out, row;
+  Scratch(const Shape& s, bool backward)
+      : ring_y(s.kernel_t * s.tile * s.bottleneck),
+        ring_dz(backward ? s.kernel_t * s.tile * s.bottleneck : 0),
+        a(s.tile * s.bottleneck),
+        derivative(backward ? s.tile * s.bottleneck : 0),
+        bottleneck_grad(backward ? s.tile * s.bottleneck : 0),
+        wide_x(s.tile * s.channels),
+        wide_g(backward ? s.tile * s.channels : 0),
+        wide_out(s.tile * s.channels),
+        row(s.channels) {}
+};
+
+// y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into its ring slot.
+template <typename scalar_t>
+void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f,
+                     int64_t l0, int64_t rows, Scratch& w) {
+  int64_t ld = 0;
+  const float* xf = widen_rows(x.row(b, f, l0), x.stride_l, rows, s.channels, w.wide_x.data(), &ld);
+  float* y = w.ring_y.data() + s.slot(f) * s.tile * s.bottleneck;
+  gemm(y, s.bottleneck, block(xf, rows, s.channels, ld), p.fc1_weight.t(), 1.0f, 0.0f);
+  add_row_bias(y, p.row_bias.data_ptr<float>() + b * s.bottleneck, rows, s.bottleneck);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, Activation A>
+void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<scalar_t>& out,
+                  float scale, int64_t tile_index, Scratch& w) {
+  const int64_t b = s.video_of(tile_index), p0 = s.first_patch(tile_index), rows = s.rows_of(tile_index);
+  const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels;
+  // Step `step` projects frame `step` down and finishes frame `step - half`, whose window is complete.
+  for (int64_t step = 0; step < s.frames + s.half; ++step) {
+    if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
+    const int64_t t = step - s.half;
+    if (t < 0) continue;
+    conv_activation<A>(s, p, w.ring_y.data(), t, rows, w.a.data(), nullptr);
+    gemm(w.wide_out.data(), c_dim, block(w.a.data(), rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+    for (const auto r : c10::irange(rows)) {
+      residual_row(out.row(b, t, l0 + r), x.row(b, t, l0 + r), w.wide_out.data() + r * c_dim,
+                   p.fc2_bias.data_ptr<float>(), scale, c_dim, w.row.data());
+    }
+    if (p0 == 0) copy_rows(out.row(b, t, 0), out.stride_l, x.row(b, t, 0), x.stride_l, s.prefix, c_dim);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Float32 accumulators of one reduction group (matrices) and of one tile (vectors).
+struct GradPartials {
+  at::Tensor fc1_weight;  // (groups, Ca, C)
+  at::Tensor fc2_weight;  // (groups, C, Ca)
+  at::Tensor fc2_bias;    // (tiles, C)
+  at::Tensor conv;        // (tiles, kt + 1, Ca): taps, then the bias
+  at::Tensor bottleneck;  // (tiles, Ca): column sums of dy, for fc1 bias and cond
+};
+
+template <typename scalar_t, Activation A>
+void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<const scalar_t>& g,
+                   const Rows<scalar_t>& dx, float scale, int64_t tile_index, int64_t group, bool first_in_group,
+                   GradPartials& partials, Scratch& w) {
+  const int64_t b = s.video_of(tile_index), p0 = s.first_patch(tile_index), rows = s.rows_of(tile_index);
+  const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels, slot_size = s.tile * ca;
+  float* d_fc1_weight = partials.fc1_weight[group].data_ptr<float>();
+  float* d_fc2_weight = partials.fc2_weight[group].data_ptr<float>();
+  float* d_fc2_bias = partials.fc2_bias[tile_index].data_ptr<float>();
+  float* d_conv = partials.conv[tile_index].data_ptr<float>();
+  float* d_bottleneck = partials.bottleneck[tile_index].data_ptr<float>();
+  const float* taps = p.taps.data_ptr<float>();
+  bool first_fc2 = first_in_group, first_fc1 = first_in_group;
+
+  // Step `step`: down-project frame `step`; take frame t = step - half through the conv,
+  // activation and up-projection gradients (its y window is complete); take frame
+  // u = step - 2 half through the conv-input gradient (its dz window is complete) and fc1.
+  for (int64_t step = 0; step < s.frames + 2 * s.half; ++step) {
+    if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
+
+    const int64_t t = step - s.half;
+    if (t >= 0 && t < s.frames) {
+      conv_activation<A>(s, p, w.ring_y.data(), t, rows, w.a.data(), w.derivative.data());
+      int64_t ldg = 0;
+      const float* gf = widen_rows(g.row(b, t, l0), g.stride_l, rows, c_dim, w.wide_g.data(), &ldg);
+      const at::Tensor g_block = block(gf, rows, c_dim, ldg);
+      // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
+      gemm(w.bottleneck_grad.data(), ca, g_block, p.fc2_weight, scale, 0.0f);
+      gemm(d_fc2_weight, ca, g_block.t(), block(w.a.data(), rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
+      first_fc2 = false;
+      add_column_sums(d_fc2_bias, gf, ldg, rows, c_dim, scale);
+      // dz = da * act'(z), kept in the ring for the conv-input gradient; conv weight/bias grads.
+      float* dz = w.ring_dz.data() + s.slot(t) * slot_size;
+      for (int64_t i = 0; i < rows * ca; i += kVec) {
+        const int64_t n = std::min(kVec, rows * ca - i);
+        (Vec::loadu(w.bottleneck_grad.data() + i, n) * Vec::loadu(w.derivative.data() + i, n)).store(dz + i, n);
+      }
+      for (const auto r : c10::irange(rows)) {
+        const float* dz_row = dz + r * ca;
+        for (int64_t c = 0; c < ca; c += kVec) {
+          const int64_t n = std::min(kVec, ca - c);
+          const Vec dzv = Vec::loadu(dz_row + c, n);
+          for (int64_t j = 0; j < s.kernel_t; ++j) {
+            const int64_t f = t + j - s.half;
+            if (f < 0 || f >= s.frames) continue;
+            const Vec y = Vec::loadu(w.ring_y.data() + s.slot(f) * slot_size + r * ca + c, n);
+            at::vec::fmadd(dzv, y, Vec::loadu(d_conv + j * ca + c, n)).store(d_conv + j * ca + c, n);
+          }
+          float* bias_acc = d_conv + s.kernel_t * ca + c;
+          (Vec::loadu(bias_acc, n) + dzv).store(bias_acc, n);
+        }
+      }
+    }
+
+    const int64_t u = step - 2 * s.half;
+    if (u >= 0) {
+      // dy[u] = sum_j taps[j] * dz[u - j + half].
+      float* dy = w.bottleneck_grad.data();
+      const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1)), j_hi = std::min(s.kernel_t, u + s.half + 1);
+      for (const auto r : c10::irange(rows)) {
+        for (int64_t c = 0; c < ca; c += kVec) {
+          const int64_t n = std::min(kVec, ca - c);
+          Vec acc(0.0f);
+          for (int64_t j = j_lo; j < j_hi; ++j) {
+            const float* dz = w.ring_dz.data() + s.slot(u - j + s.half) * slot_size + r * ca + c;
+            acc = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(dz, n), acc);
+          }
+          acc.store(dy + r * ca + c, n);
+        }
+      }
+      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f);
+      int64_t ldx = 0;
+      const float* xf = widen_rows(x.row(b, u, l0), x.stride_l, rows, c_dim, w.wide_x.data(), &ldx);
+      const at::Tensor dy_block = block(dy, rows, ca, ca);
+      gemm(d_fc1_weight, c_dim, dy_block.t(), block(xf, rows, c_dim, ldx), 1.0f, first_fc1 ? 0.0f : 1.0f);
+      first_fc1 = false;
+      // dx = g + dy @ fc1_weight, the residual fused into the epilogue.
+      gemm(w.wide_out.data(), c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
+      for (const auto r : c10::irange(rows)) {
+        residual_row(dx.row(b, u, l0 + r), g.row(b, u, l0 + r), w.wide_out.data() + r * c_dim,
+                     static_cast<const float*>(nullptr), 1.0f, c_dim, w.row.data());
+      }
+      if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
+    }
+  }
+}
+
+// sum over the leading (group) dimension in order, float32 -> dtype; parallel over elements.
+at::Tensor sum_partials(const at::Tensor& partials, int64_t groups, at::ScalarType dtype) {
+  const int64_t numel = partials[0].numel();
+  at::Tensor total = at::empty(partials.sizes().slice(1), partials.options());
+  const float* src = partials.data_ptr<float>();
+  float* dst = total.data_ptr<float>();
+  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float acc = src[i];
+      for (int64_t gi = 1; gi < groups; ++gi) acc += src[gi * numel + i];
+      dst[i] = acc;
+    }
+  });
+  return total.to(dtype);
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, "stadapter_cpp: unsupported dtype ", dtype, " (float32, bfloat16, float16)");
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& written) {
+  TORCH_CHECK(x.device().is_cpu() && written.device().is_cpu(), "stadapter_cpp: CPU tensors only");
+  TORCH_CHECK(x.sizes() == written.sizes() && x.scalar_type() == written.scalar_type(),
+              "stadapter_cpp: output must match x in shape and dtype");
+}
+
+}  // namespace
+
+void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& fc1_weight,
+                            const std::optional<at::Tensor>& fc1_bias, const at::Tensor& conv_weight,
+                            const std::optional<at::Tensor>& conv_bias, const at::Tensor& fc2_weight,
+                            const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& cond,
+                            int64_t prefix, const std::string& activation, double scale, int64_t tile_patches) {
+  check_inputs(x, out);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches);
+  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
+  const Activation act = parse_activation(activation);
+  dispatch_dtype(x.scalar_type(), [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const auto x_rows = rows_of<const scalar_t>(x);
+    const auto out_rows = rows_of<scalar_t>(out);
+    with_activation(act, [&](auto a) {
+      at::parallel_for(0, s.tiles, 1, [&](int64_t begin, int64_t end) {
+        at::AutoDispatchBelowADInplaceOrView no_autograd;
+        Scratch w(s, /*backward=*/false);
+        for (int64_t i = begin; i < end; ++i) {
+          forward_tile<scalar_t, decltype(a)::value>(s, p, x_rows, out_rows, static_cast<float>(scale), i, w);
+        }
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Tensor& x,
+                        const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                        const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                        const std::optional<at::Tensor>& cond, int64_t prefix, const std::string& activation,
+                        double scale, int64_t tile_patches) {
+  check_inputs(x, dx);
+  check_inputs(x, grad_out);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches);
+  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
+  const Activation act = parse_activation(activation);
+  const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  GradPartials partials{
+      at::empty({groups, ca, c_dim}, f32), at::empty({groups, c_dim, ca}, f32),
+      at::zeros({s.tiles, c_dim}, f32), at::zeros({s.tiles, s.kernel_t + 1, ca}, f32), at::zeros({s.tiles, ca}, f32)};
+
+  dispatch_dtype(x.scalar_type(), [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const auto x_rows = rows_of<const scalar_t>(x);
+    const auto g_rows = rows_of<const scalar_t>(grad_out);
+    const auto dx_rows = rows_of<scalar_t>(dx);
+    with_activation(act, [&](auto a) {
+      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        at::AutoDispatchBelowADInplaceOrView no_autograd;
+        Scratch w(s, /*backward=*/true);
+        for (int64_t group = begin; group < end; ++group) {
+          const int64_t first = group * s.tiles / groups, last = (group + 1) * s.tiles / groups;
+          for (int64_t i = first; i < last; ++i) {
+            backward_tile<scalar_t, decltype(a)::value>(s, p, x_rows, g_rows, dx_rows, static_cast<float>(scale), i,
+                                                        group, i == first, partials, w);
+          }
+        }
+      });
+    });
+  });
+
+  const auto dtype = x.scalar_type();
+  // Per-tile vectors are summed in tile order; cond's gradient per video, fc1 bias's over all.
+  const at::Tensor per_video = partials.bottleneck.view({s.batch, s.tiles_per_video, ca});
+  at::Tensor d_cond = at::empty({s.batch, ca}, f32);
+  for (const auto b : c10::irange(s.batch)) {
+    at::Tensor acc = per_video[b][0].clone();
+    for (int64_t i = 1; i < s.tiles_per_video; ++i) acc.add_(per_video[b][i]);
+    d_cond[b].copy_(acc);
+  }
+  auto ordered_sum = [](const at::Tensor& t) {
+    at::Tensor acc = t[0].clone();
+    for (int64_t i = 1; i < t.size(0); ++i) acc.add_(t[i]);
+    return acc;
+  };
+  const at::Tensor d_fc1_bias = ordered_sum(d_cond);
+  const at::Tensor d_conv = ordered_sum(partials.conv);  // (kt + 1, Ca)
+  // Copies, not views of d_conv: the op's outputs must not alias each other.
+  const at::Tensor d_conv_weight = d_conv.narrow(0, 0, s.kernel_t).t().contiguous().view(conv_weight.sizes());
+  const at::Tensor d_conv_bias = d_conv[s.kernel_t].clone();
+  return {sum_partials(partials.fc1_weight, groups, dtype), d_fc1_bias.to(dtype), d_conv_weight.to(dtype),
+          d_conv_bias.to(dtype), sum_partials(partials.fc2_weight, groups, dtype),
+          ordered_sum(partials.fc2_bias).to(dtype), d_cond.to(dtype)};
+}
+
+}  // namespace stadapter

@@ -1,0 +1,72 @@
+"""The `cpp` backend: the fused C++ CPU kernels of csrc/, as the `stadapter_cpp` torch.library ops.
+
+Follows the backend contract of `dispatch.py`. The ops take the output (`out`, `dx`) as a
+mutated argument and write it in place, through its strides; their fake implementations here
+let torch.compile trace the `stadapter::st_adapter` body that calls them.
+
+Installed with STADAPTER_SKIP_CPP_BUILD=1, `stadapter_kernels._C` is missing: this module still
+imports, and `unavailable_reason` says why the backend cannot serve, which `explain` reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import AdapterOptions, AdapterSpec, AdapterTensors
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.stadapter_cpp)
+    _BUILD_ERROR: str | None = None
+except ImportError as error:
+    _BUILD_ERROR = (
+        f"the C++ extension stadapter_kernels._C is not built ({error}); reinstall without "
+        "STADAPTER_SKIP_CPP_BUILD=1 to compile csrc/"
+    )
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason(spec: AdapterSpec) -> str | None:
+    if _BUILD_ERROR is not None:
+        return _BUILD_ERROR
+    if spec.device.type != "cpu":
+        return f"the C++ kernels serve CPU tensors, x is on {spec.device}"
+    if spec.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {spec.dtype} is not supported by the C++ kernels (float32, bfloat16, float16)"
+    if spec.spatial:
+        return f"a spatial conv kernel {spec.kernel_hw} is served by the reference only"
+    return None
+
+
+def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options: AdapterOptions) -> None:
+    torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, options.prefix, options.activation,
+                                               options.scale)
+
+
+def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,
+             options: AdapterOptions) -> AdapterTensors:
+    grads = torch.ops.stadapter_cpp.st_adapter_backward(dx, grad_out, x, *params, options.prefix,
+                                                        options.activation, options.scale)
+    return AdapterTensors(*grads)
+
+
+if _BUILD_ERROR is None:
+
+    @torch.library.register_fake("stadapter_cpp::st_adapter_forward")
+    def _forward_fake(out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
+                      prefix, activation, scale, tile_patches=0):
+        return None
+
+    @torch.library.register_fake("stadapter_cpp::st_adapter_backward")
+    def _backward_fake(dx, grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
+                       cond, prefix, activation, scale, tile_patches=0):
+        batch, bottleneck = x.shape[0], fc1_weight.shape[0]
+        return (
+            fc1_weight.new_empty(fc1_weight.shape),
+            fc1_weight.new_empty((bottleneck,)),
+            conv_weight.new_empty(conv_weight.shape),
+            conv_weight.new_empty((bottleneck,)),
+            fc2_weight.new_empty(fc2_weight.shape),
+            fc2_weight.new_empty((fc2_weight.shape[0],)),
+            fc1_weight.new_empty((batch, bottleneck)),
+        )

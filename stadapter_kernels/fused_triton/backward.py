@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activation_derivative, activation_forward, copy_prefix_tile, down_projection, temporal_conv
+from .common import (activation_derivative, activation_forward, copy_prefix_tile, down_projection, matmul,
+                     temporal_conv)
 
 
 @triton.jit
@@ -92,9 +93,9 @@ def st_adapter_backward_bottleneck_kernel(
             c_mask = c < C
             g = tl.load(grad_ptr + (g_rows + frame * g_st)[:, None] + c[None, :],
                         mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            w_up = tl.load(w_up_ptr + c[:, None].to(tl.int64) * CA + ca[None, :],
+            w_up = tl.load(w_up_ptr + c[:, None] * CA + ca[None, :],
                            mask=c_mask[:, None] & ca_mask[None, :], other=0.0)
-            da = tl.dot(g, w_up, da, input_precision=DOT_PRECISION)
+            da = matmul(g, w_up, da, DOT_PRECISION)
         dz = scale * da
         if ACTIVATION != 0:
             dz = dz * activation_derivative(z, ACTIVATION)
@@ -181,10 +182,10 @@ def st_adapter_backward_input_kernel(
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
             mask = row_mask[:, None] & c_mask[None, :]
-            w_down = tl.load(w_down_ptr + ca[:, None].to(tl.int64) * C + c[None, :],
+            w_down = tl.load(w_down_ptr + ca[:, None] * C + c[None, :],
                              mask=ca_mask[:, None] & c_mask[None, :], other=0.0)
             g = tl.load(grad_ptr + g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            dx = g + tl.dot(dy_low, w_down, input_precision=DOT_PRECISION)
+            dx = g + matmul(dy_low, w_down, None, DOT_PRECISION)
             tl.store(dx_ptr + dx_rows[:, None] + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_partial_ptr + partial_row * C + c, tl.sum(g, axis=0), mask=c_mask)
 
@@ -218,6 +219,6 @@ def token_outer_product_kernel(
         rows = b * t_sb + frame * t_st + (prefix + p) * t_sl
         lhs = tl.load(tokens_ptr + rows[None, :] + c[:, None], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
         rhs = tl.load(buf_ptr + n[:, None] * CA + a[None, :], mask=n_mask[:, None] & a_mask[None, :], other=0.0)
-        acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+        acc = matmul(lhs, rhs, acc, DOT_PRECISION)
     out = partial_ptr + (split.to(tl.int64) * C + c[:, None]) * CA + a[None, :]
     tl.store(out, acc, mask=c_mask[:, None] & a_mask[None, :])

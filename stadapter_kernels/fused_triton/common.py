@@ -4,6 +4,10 @@ bottleneck, the temporal conv over a rolling window, and the prefix-token copy.
 The bottleneck tile of one frame is (BLOCK_P, CA_PAD): CA_PAD is Ca rounded up to a power of
 two (tl.arange needs one); the padded columns load zero weights, so they stay exactly zero
 through the conv and every activation (act(0) = 0 for all of them) and contribute nothing.
+
+Offsets into token tensors (x, out, grad_out, dx, the transient buffers) are int64, so tensors
+over 2^31 elements work; offsets into weights are int32 (Ca x C is far below 2^31), which
+keeps their pointer arithmetic out of scarce registers.
 """
 
 from __future__ import annotations
@@ -70,6 +74,22 @@ def activation_derivative(z, ACTIVATION: tl.constexpr):
     return out
 
 
+#: DOT_PRECISION value that upcasts the operands to fp32 first: the interpreter multiplies bf16
+#: operands of tl.dot as their raw uint16 bits (triton 3.8), so bf16 runs there need it. The
+#: upcast is exact and the product is then computed in fp32, as the GPU's bf16 MMA does.
+UPCAST_PRECISION = "upcast_ieee"
+
+
+@triton.jit
+def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation; see UPCAST_PRECISION."""
+    if DOT_PRECISION == "upcast_ieee":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
 @triton.jit
 def down_projection(x_ptr, row_offsets, row_mask, frame, T, w_down_ptr, b_down_ptr, cond_ptr, batch, C, CA,
                     HAS_B_DOWN: tl.constexpr, HAS_COND: tl.constexpr, CA_PAD: tl.constexpr,
@@ -88,9 +108,9 @@ def down_projection(x_ptr, row_offsets, row_mask, frame, T, w_down_ptr, b_down_p
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
             x = tl.load(x_ptr + row_offsets[:, None] + c[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            w = tl.load(w_down_ptr + ca[None, :].to(tl.int64) * C + c[:, None], mask=ca_mask[None, :] & c_mask[:, None],
+            w = tl.load(w_down_ptr + ca[None, :] * C + c[:, None], mask=ca_mask[None, :] & c_mask[:, None],
                         other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            acc = matmul(x, w, acc, DOT_PRECISION)
         if HAS_B_DOWN:
             acc += tl.load(b_down_ptr + ca, mask=ca_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_COND:

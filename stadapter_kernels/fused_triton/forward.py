@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activation_forward, copy_prefix_tile, down_projection, temporal_conv
+from .common import activation_forward, copy_prefix_tile, down_projection, matmul, temporal_conv
 
 
 @triton.jit
@@ -74,9 +74,9 @@ def st_adapter_forward_kernel(
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 c_mask = c < C
-                w_up = tl.load(w_up_ptr + c[None, :].to(tl.int64) * CA + ca[:, None],
+                w_up = tl.load(w_up_ptr + c[None, :] * CA + ca[:, None],
                                mask=c_mask[None, :] & ca_mask[:, None], other=0.0)
-                up = tl.dot(a, w_up, input_precision=DOT_PRECISION)
+                up = matmul(a, w_up, None, DOT_PRECISION)
                 if HAS_B_UP:
                     up += tl.load(b_up_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
                 mask = row_mask[:, None] & c_mask[None, :]

@@ -1,0 +1,41 @@
+"""backend="triton" in the interpreter against the float64 oracle: output and every gradient.
+
+Shapes are small (the interpreter is numpy underneath) but chosen to hit every edge of the
+kernels: patch counts that are not a multiple of the tile, T shorter than the conv, prefix
+tiles, strided layouts, bottlenecks and widths that are not powers of two, every activation.
+Allocations are NaN-poisoned by the harness, so an element a kernel forgot to write fails.
+"""
+
+import pytest
+import torch
+
+from parity import Case, assert_matches_oracle
+
+# P = 37 patch tokens: two full 16-row tiles and a partial one (16 is the smallest BLOCK_P).
+BASE = Case(batch=2, frames=3, tokens=38, channels=40, bottleneck=24, kernel_t=3, prefix=1, activation="identity",
+            scale=0.5, cond=True)
+
+CASES = {
+    "fp32": BASE,
+    "fp16": BASE.with_(dtype=torch.float16),
+    "bf16": BASE.with_(dtype=torch.bfloat16),
+    "T1": BASE.with_(frames=1),
+    "T2_kt5": BASE.with_(frames=2, kernel_t=5, dtype=torch.bfloat16),
+    "T4_kt5": BASE.with_(frames=4, kernel_t=5),
+    "kt1_no_bias_no_cond": BASE.with_(kernel_t=1, biases=False, cond=False, activation="relu"),
+    "prefix0": BASE.with_(prefix=0, tokens=37),
+    "prefix5_lnc": BASE.with_(prefix=5, tokens=42, layout="lnc", dtype=torch.float16),
+    "btlc_ca48_c72": BASE.with_(layout="btlc", bottleneck=48, channels=72, scale=-1.5),
+    "prefix17_two_prefix_tiles": BASE.with_(prefix=17, tokens=30, batch=1),
+}
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_oracle(name):
+    assert_matches_oracle(CASES[name], backend="triton")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_matches_oracle(activation):
+    assert_matches_oracle(BASE.with_(activation=activation, batch=1), backend="triton")

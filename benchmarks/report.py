@@ -121,8 +121,14 @@ def append_csv(path: str, records: list[dict]) -> None:
         writer.writerows(csv_row(r) for r in records)
 
 
-def _bar_plot(path: str, records: list[dict], value, ylabel: str, title: str, log: bool) -> None:
-    """Grouped bars: one group per case (subplot per mode), one bar per provider."""
+def _bar_plot(path: str, records: list[dict], value, ylabel: str, title: str, *, spread=None, part=None,
+              part_label: str = "") -> None:
+    """Grouped bars: a subplot per mode, a group per case, a bar per provider.
+
+    `spread(record)` gives (low, high) error bars; `part(record)` a hatched sub-bar (e.g. the
+    activation share of the saved bytes). The y axis turns logarithmic when a subplot spans more
+    than 20x, so small sweeps keep the honest linear scale from zero.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,41 +136,58 @@ def _bar_plot(path: str, records: list[dict], value, ylabel: str, title: str, lo
 
     by_mode = defaultdict(dict)
     for key, group in grouped(records).items():
-        values = {r["provider"]: value(r) for r in group if r["status"] == "ok" and value(r) is not None}
-        if values:
-            by_mode[key[0]][case_label(group[0]).split("  ", 1)[1]] = values
+        ok = {r["provider"]: r for r in group if r["status"] == "ok" and value(r) is not None}
+        if ok:
+            by_mode[key[0]][case_label(group[0]).split("  ", 1)[1]] = ok
     if not by_mode:
         return
     providers = [p for p in config.PROVIDERS if any(p in v for cases in by_mode.values() for v in cases.values())]
-    fig, axes = plt.subplots(len(by_mode), 1, figsize=(max(7, 1.6 * max(map(len, by_mode.values())) + 4),
-                                                        3.2 * len(by_mode)), squeeze=False)
+    colours = {p: f"C{i}" for i, p in enumerate(config.PROVIDERS)}
+    height = 2.8 * len(by_mode) + 0.9
+    fig, axes = plt.subplots(len(by_mode), 1, figsize=(max(7.0, 1.4 * max(map(len, by_mode.values())) + 4), height),
+                             squeeze=False)
     width = 0.8 / len(providers)
     for ax, (mode, cases) in zip(axes[:, 0], by_mode.items()):
         for i, provider in enumerate(providers):
             xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(cases))]
-            ys = [values.get(provider, float("nan")) for values in cases.values()]
-            ax.bar(xs, ys, width, label=provider)
-        ax.set_xticks(range(len(cases)), [label.replace("  ", "\n") for label in cases], fontsize=7)
-        if log:
+            rows = [case.get(provider) for case in cases.values()]
+            ys = [float("nan") if r is None else value(r) for r in rows]
+            err = None
+            if spread is not None:
+                err = [[0 if r is None else y - spread(r)[0] for r, y in zip(rows, ys)],
+                       [0 if r is None else spread(r)[1] - y for r, y in zip(rows, ys)]]
+            ax.bar(xs, ys, width, yerr=err, capsize=2, color=colours[provider], label=provider)
+            if part is not None:
+                ax.bar(xs, [float("nan") if r is None else part(r) for r in rows], width, fill=False, hatch="///",
+                       edgecolor="black", linewidth=0, label=part_label if i == 0 else None)
+        finite = [value(r) for case in cases.values() for r in case.values() if value(r) and value(r) > 0]
+        if finite and max(finite) / min(finite) > 20:
             ax.set_yscale("log")
-        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(len(cases)), [label.replace("  ", "\n") for label in cases], fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(mode, fontsize=9)
         ax.grid(axis="y", alpha=0.3, which="both")
-    axes[0, 0].legend(fontsize=8, ncol=len(providers))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    # Title and legend share a fixed 0.75 inch band at the top, whatever the figure's height.
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.4 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_time(path: str, records: list[dict], device_name: str) -> None:
-    _bar_plot(path, records, lambda r: r["time"]["median_ms"], "median ms (log)",
-              f"ST-Adapter time per provider, {device_name}", log=True)
+    """Median time per provider, p20-p80 as error bars."""
+    _bar_plot(path, records, lambda r: r["time"]["median_ms"], "median ms (p20-p80)",
+              f"ST-Adapter time per provider, {device_name}",
+              spread=lambda r: (r["time"]["p20_ms"], r["time"]["p80_ms"]))
 
 
 def plot_memory(path: str, records: list[dict], device_name: str) -> None:
-    """Total bytes saved for backward (inputs and parameters included, each storage once)."""
-    _bar_plot(path, records, lambda r: r["memory"]["saved_bytes"] and r["memory"]["saved_bytes"] / 2**20,
-              "MiB saved for backward", f"Bytes saved for backward (inputs and weights included), {device_name}",
-              log=False)
+    """Bytes saved for backward, each storage once; hatched: the activations (inputs and weights left out)."""
+    mib = lambda key: lambda r: None if r["memory"][key] is None else r["memory"][key] / 2**20
+    _bar_plot(path, records, mib("saved_bytes"), "MiB saved for backward",
+              f"Bytes saved for backward (all / hatched: activations), {device_name}",
+              part=mib("saved_activation_bytes"), part_label="activations (not inputs or weights)")

@@ -19,6 +19,7 @@
 #include "st_adapter_cpu.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -29,6 +30,11 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#if AT_MKL_ENABLED()
+// MKL's per-thread thread count (libtorch_cpu exports MKL, which torch links statically).
+extern "C" int MKL_Set_Num_Threads_Local(int);  // the C entry point (mkl_service.h maps the lower-case macro to it)
+#endif
 
 namespace stadapter {
 namespace {
@@ -197,6 +203,21 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
   p.fc2_bias = fc2_bias ? as_f32(*fc2_bias) : at::zeros({s.channels}, f32);
   return p;
 }
+
+// Makes the calling thread's BLAS GEMMs single-threaded while alive. Inside at::parallel_for's
+// parallel region MKL already runs sequentially, but when the work is a single task,
+// at::parallel_for runs it inline on the caller, where MKL would split the GEMMs over the
+// threads torch.set_num_threads allows, and a different split can change the last bits.
+class SequentialBlas {
+ public:
+#if AT_MKL_ENABLED()
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local(1)) {}
+  ~SequentialBlas() { MKL_Set_Num_Threads_Local(previous_); }
+
+ private:
+  int previous_;
+#endif
+};
 
 // ---------------------------------------------------------------------------------------------
 // Blocks: GEMMs through ATen, widening/narrowing rows, vectorised row loops
@@ -505,6 +526,7 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
     with_activation(act, [&](auto a) {
       at::parallel_for(0, s.tiles, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
+        SequentialBlas sequential_blas;
         Scratch w(s, /*backward=*/false);
         for (int64_t i = begin; i < end; ++i) {
           forward_tile<scalar_t, decltype(a)::value>(s, p, x_rows, out_rows, static_cast<float>(scale), i, w);
@@ -540,6 +562,7 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
     with_activation(act, [&](auto a) {
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
+        SequentialBlas sequential_blas;
         Scratch w(s, /*backward=*/true);
         for (int64_t group = begin; group < end; ++group) {
           const int64_t first = group * s.tiles / groups, last = (group + 1) * s.tiles / groups;

@@ -24,6 +24,9 @@ except ImportError as error:
     )
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Patch rows per tile; 0 lets the kernel pick from the shape. Tests set it small to exercise
+#: many tiles, partial last tiles and multi-tile weight-gradient groups on tiny shapes.
+tile_patches = 0
 
 
 def unavailable_reason(spec: AdapterSpec) -> str | None:
@@ -40,13 +43,13 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
 
 def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options: AdapterOptions) -> None:
     torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, options.prefix, options.activation,
-                                               options.scale)
+                                               options.scale, tile_patches)
 
 
 def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,
              options: AdapterOptions) -> AdapterTensors:
     grads = torch.ops.stadapter_cpp.st_adapter_backward(dx, grad_out, x, *params, options.prefix,
-                                                        options.activation, options.scale)
+                                                        options.activation, options.scale, tile_patches)
     return AdapterTensors(*grads)
 
 

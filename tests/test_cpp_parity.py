@@ -1,0 +1,97 @@
+"""The C++ CPU backend against the float64 oracle: output and every gradient on edge shapes
+(partial and multiple tiles, T = 1, T < kt, prefixes, layouts, bottlenecks, activations, cond,
+scale, dtypes), with NaN-poisoned allocations so an unwritten element fails."""
+
+import itertools
+
+import pytest
+import torch
+
+import stadapter_kernels as sk
+from parity import Case, assert_matches_oracle, make_inputs
+from stadapter_kernels import fused_cpp
+
+pytestmark = pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason=str(fused_cpp._BUILD_ERROR))
+
+BASE = Case()  # B=2, T=3, L=11 (prefix 1: P=10), C=40, Ca=24, gelu, scale 0.5
+
+# (case, patch rows per tile): tile 3 splits P=10 into 3+3+3+1 (a partial last tile, 8 tiles:
+# 8 reduction groups), tile 4 into 4+4+2; 0 is the kernel's own choice (one tile per frame here).
+GRID = (
+    [(BASE, tile) for tile in (0, 1, 3, 4, 10, 16)]
+    + [(BASE.with_(layout=layout, prefix=prefix, tokens=prefix + 7), 3)
+       for layout, prefix in itertools.product(sk.LAYOUTS, (0, 1, 5))]
+    + [(BASE.with_(frames=frames, kernel_t=kt), 3)
+       for frames, kt in ((1, 1), (1, 3), (1, 5), (2, 5), (3, 3), (8, 3), (4, 5), (5, 1))]
+    + [(BASE.with_(activation=activation), 3) for activation in sk.ACTIVATIONS]
+    + [(BASE.with_(activation=activation, dtype=torch.bfloat16), 3) for activation in sk.ACTIVATIONS]
+    + [(BASE.with_(cond=True), 3), (BASE.with_(biases=False, cond=True, scale=2.0), 4),
+       (BASE.with_(biases=False), 0)]
+    + [(BASE.with_(bottleneck=ca, channels=c), 3) for ca, c in ((24, 40), (48, 40), (384, 40), (20, 13), (48, 64))]
+    + [(BASE.with_(dtype=dtype, layout=layout, cond=True), 3)
+       for dtype in (torch.bfloat16, torch.float16) for layout in sk.LAYOUTS]
+    # ViT-like frame (14 x 14 patches + class token), the kernel's own tiling: two tiles per frame.
+    + [(Case(batch=1, frames=4, tokens=197, channels=64, bottleneck=48, activation="identity"), 0),
+       (Case(batch=2, frames=2, tokens=197, channels=40, bottleneck=24, dtype=torch.bfloat16, cond=True), 0)]
+)
+
+
+@pytest.mark.parametrize("case, tile", GRID, ids=lambda v: str(v))
+def test_cpp_matches_oracle(case, tile, monkeypatch):
+    monkeypatch.setattr(fused_cpp, "tile_patches", tile)
+    assert_matches_oracle(case, backend="cpp")
+
+
+def test_auto_picks_cpp_for_cpu_tensors():
+    from parity import call
+
+    choice = call(sk.explain, make_inputs(BASE, seed=0), BASE)
+    assert choice.backend == "cpp", str(choice)
+
+
+@pytest.mark.parametrize("layout", sk.LAYOUTS)
+def test_every_element_of_out_and_dx_is_written(layout):
+    """The ops write through the strides of NaN-filled views: a skipped row or channel stays NaN."""
+    case = BASE.with_(layout=layout, cond=True)
+    inputs = make_inputs(case, seed=1)
+    x4 = sk.spec.as_btlc(inputs["x"], layout, case.frames)
+    params = [inputs[name] for name in ("fc1_weight", "fc1_bias", "conv_weight", "conv_bias", "fc2_weight",
+                                        "fc2_bias", "cond")]
+    options = (case.prefix, case.activation, case.scale, 3)
+    out = sk.spec.as_btlc(torch.full_like(inputs["x"], float("nan")), layout, case.frames)
+    torch.ops.stadapter_cpp.st_adapter_forward(out, x4, *params, *options)
+    assert torch.isfinite(out).all()
+    dx = sk.spec.as_btlc(torch.full_like(inputs["x"], float("nan")), layout, case.frames)
+    grads = torch.ops.stadapter_cpp.st_adapter_backward(dx, torch.randn_like(x4), x4, *params, *options)
+    assert torch.isfinite(dx).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_poisoning_catches_an_unwritten_element_of_the_cpp_output(monkeypatch):
+    """The harness fails the cpp backend if one element of its output is left unwritten."""
+    original = fused_cpp.forward
+
+    def forgetful_forward(out, x, params, options):
+        original(out, x, params, options)
+        out[-1, -1, -1, -1] = torch.empty((), dtype=out.dtype)  # NaN under the harness's poisoning
+
+    monkeypatch.setattr(fused_cpp, "forward", forgetful_forward)
+    with pytest.raises(AssertionError, match="out"):
+        assert_matches_oracle(BASE, backend="cpp")
+
+
+def test_compile_fullgraph_with_the_cpp_backend():
+    torch._dynamo.reset()
+    case = BASE.with_(cond=True)
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(case, seed=2).items() if v is not None}
+
+    def adapter(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond):
+        return sk.st_adapter(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond=cond,
+                             num_frames=case.frames, activation="gelu", backend="cpp").square().sum()
+
+    eager = adapter(**inputs)
+    eager_grads = torch.autograd.grad(eager, list(inputs.values()))
+    compiled = torch.compile(adapter, fullgraph=True, backend="aot_eager")(**inputs)
+    compiled_grads = torch.autograd.grad(compiled, list(inputs.values()))
+    assert torch.equal(compiled, eager)
+    for c, e in zip(compiled_grads, eager_grads):
+        assert torch.equal(c, e)

@@ -3,18 +3,18 @@
 import csv
 import json
 
-from benchmarks import config, report, runner
+from benchmarks import report, runner
 
 PROVIDERS = ("official", "reference", "fused", "floor")
-MODES = ("forward", "forward_backward", "model_infer")  # model_train: same code, 3x the time
+# The model modes build a ViT (seconds on a busy CPU); `make bench` runs them, this test keeps to < 30 s.
+MODES = ("forward", "forward_backward")
 
 
 def test_runner_writes_json_csv_and_plots(tmp_path):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
     document = runner.run([
         "--device", "cpu", "--T", "4", "--ca", "16", "--width", "vit-b", "--dtype", "float32",
-        "--frames-per-batch", "4", "--model-depth", "1", "--model-frames", "2",
-        "--modes", *MODES, "--providers", *PROVIDERS,
+        "--frames-per-batch", "4", "--modes", *MODES, "--providers", *PROVIDERS,
         "--repeats", "2", "--warmup", "0", "--json", str(json_path), "--csv", str(csv_path),
         "--plot-dir", str(tmp_path), "--no-progress",
     ])
@@ -36,8 +36,7 @@ def test_runner_writes_json_csv_and_plots(tmp_path):
         assert 0 < time["p20_ms"] <= time["median_ms"] <= time["p80_ms"] and time["samples"] >= 2
         assert record["tokens_per_s"] > 0 and record["ratio_to_floor"] > 0
         assert record["memory"]["peak_rss_bytes"] > 0
-        if record["mode"] != "model_infer":
-            assert record["roofline"]["flops"] > 0 and record["roofline"]["modelled_ms"] > 0
+        assert record["roofline"]["flops"] > 0 and record["roofline"]["modelled_ms"] > 0
         if record["mode"] == "forward_backward" and record["provider"] != "floor":
             assert record["memory"]["saved_bytes"] > 0
     by_provider = {r["provider"]: r for r in records if r["mode"] == "forward_backward"}
@@ -50,4 +49,3 @@ def test_runner_writes_json_csv_and_plots(tmp_path):
     assert len(rows) == len(records) and tuple(rows[0]) == report.CSV_FIELDS
     for kind in ("time", "memory"):
         assert (tmp_path / f"bench-cpu-{kind}.png").stat().st_size > 0
-    assert set(config.PROVIDERS) >= set(PROVIDERS)

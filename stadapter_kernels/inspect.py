@@ -105,7 +105,8 @@ def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
                 for kernel in configs.TUNED_KERNELS:
                     for config in configs.SHIPPED[(kernel, configs.ca_pad(ca))]:
                         constexprs = dict(KT=kernel_t, CA_PAD=configs.ca_pad(ca), DOT_PRECISION="ieee",
-                                          BLOCK_P=config.block_p, BLOCK_C=config.block_c)
+                                          BLOCK_P=config.block_p, BLOCK_C=config.block_c,
+                                          BLOCK_A=configs.block_a(ca))
                         if kernel != "backward_input":
                             constexprs.update(ACTIVATION=ACTIVATION_IDS[activation], HAS_B_DOWN=True,
                                               HAS_B_CONV=True, HAS_COND=True)

@@ -68,6 +68,7 @@ def _constexprs(params: AdapterTensors, options: AdapterOptions) -> dict:
         HAS_B_DOWN=params.fc1_bias is not None, HAS_B_CONV=params.conv_bias is not None,
         HAS_COND=params.cond is not None,
         DOT_PRECISION=_dot_precision(params.fc1_weight.dtype),
+        BLOCK_A=configs.block_a(params.fc1_weight.shape[0]),
     )
 
 
@@ -94,21 +95,39 @@ def _max_tiles(count: int, kernel: str, bottleneck: int) -> int:
     return triton.cdiv(count, min(c.block_p for c in configs.configs_for(kernel, bottleneck)))
 
 
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: a few per SM on a GPU; few in the interpreter, so its
+    tests also cover programs that take several work items."""
+    if device.type != "cuda":
+        return configs.INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count * configs.PROGRAMS_PER_SM
+
+
+def _scratch(programs: int, kernel: str, tiles: int, params: AdapterTensors, dtype, device) -> torch.Tensor:
+    """Each persistent program's scratch: `tiles` bottleneck tiles of the largest BLOCK_P."""
+    bottleneck = params.fc1_weight.shape[0]
+    block_p = max(c.block_p for c in configs.configs_for(kernel, bottleneck))
+    return torch.empty((programs, tiles * block_p * configs.ca_pad(bottleneck)), dtype=dtype, device=device)
+
+
 def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options: AdapterOptions) -> None:
     """Write the adapter's output into `out`; both are strided (B, T, L, C) views."""
     batch, frames, _, channels = x.shape
-    bottleneck = params.fc1_weight.shape[0]
+    bottleneck, kernel_t = params.fc1_weight.shape[0], params.conv_weight.shape[2]
     prefix = options.prefix
     patches = x.shape[2] - prefix
     w_down, b_down, w_conv, b_conv, w_up, b_up, cond = _weights(params)
     constexprs = _constexprs(params, options)
+    programs = _persistent_programs(x.device)
+    # The ring of kt bottleneck tiles and the activated tile.
+    scratch = _scratch(programs, "forward", kernel_t + 1, params, x.dtype, x.device)
 
     def grid(meta):
-        return (_tiles(prefix, meta) + _tiles(patches, meta), batch)
+        return (min(programs, batch * (_tiles(prefix, meta) + _tiles(patches, meta))),)
 
     _launch("forward", constexprs["CA_PAD"])[grid](
-        x, out, w_down, b_down, w_conv, b_conv, w_up, b_up, cond,
-        frames, patches, channels, bottleneck, prefix,
+        x, out, w_down, b_down, w_conv, b_conv, w_up, b_up, cond, scratch,
+        batch, frames, patches, channels, bottleneck, prefix, scratch.shape[1],
         *x.stride()[:3], *out.stride()[:3],
         float(options.scale),
         HAS_B_UP=params.fc2_bias is not None, **constexprs,
@@ -126,23 +145,24 @@ def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: 
     w_down, b_down, w_conv, b_conv, w_up, _, cond = _weights(params)
     constexprs = _constexprs(params, options)
     ca_pad = constexprs["CA_PAD"]
+    programs = _persistent_programs(device)
 
     # Transient (tokens x Ca) buffers; they die with this call.
     a_buf = torch.empty((batch, frames, patches, bottleneck), dtype=dtype, device=device)
     dz_buf = torch.empty((batch, frames, patches, bottleneck), dtype=torch.float32, device=device)
     dy_buf = torch.empty_like(a_buf)
-    # Partials are zero-filled: a larger BLOCK_P than the smallest shipped leaves rows unwritten.
-    bottleneck_tiles = _max_tiles(patches, "backward_bottleneck", bottleneck)
-    conv_partial = torch.zeros((batch * bottleneck_tiles, kernel_t + 1, bottleneck), dtype=torch.float32,
-                               device=device)
+    scratch = _scratch(programs, "backward_bottleneck", kernel_t, params, dtype, device)
+    # Partials are zero-filled: fewer programs, or a larger BLOCK_P than the smallest shipped,
+    # leave rows unwritten.
+    conv_partial = torch.zeros((programs, kernel_t + 1, bottleneck), dtype=torch.float32, device=device)
     input_tiles = _max_tiles(patches, "backward_input", bottleneck)
     dy_partial = torch.zeros((batch, frames * input_tiles, bottleneck), dtype=torch.float32, device=device)
     grad_partial = torch.zeros((batch * frames * input_tiles, channels), dtype=torch.float32, device=device)
 
-    _launch("backward_bottleneck", ca_pad)[lambda meta: (_tiles(patches, meta), batch)](
+    _launch("backward_bottleneck", ca_pad)[lambda meta: (min(programs, batch * _tiles(patches, meta)),)](
         x, grad_out, w_down, b_down, w_conv, b_conv, w_up, cond,
-        a_buf, dz_buf, conv_partial,
-        frames, patches, channels, bottleneck, prefix,
+        a_buf, dz_buf, conv_partial, scratch,
+        batch, frames, patches, channels, bottleneck, prefix, scratch.shape[1],
         *x.stride()[:3], *grad_out.stride()[:3],
         float(options.scale),
         **constexprs,
@@ -151,7 +171,7 @@ def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: 
         grad_out, dx, w_down, w_conv, dz_buf, dy_buf, dy_partial, grad_partial,
         frames, patches, channels, bottleneck, prefix, input_tiles,
         *grad_out.stride()[:3], *dx.stride()[:3],
-        KT=kernel_t, CA_PAD=ca_pad, DOT_PRECISION=constexprs["DOT_PRECISION"],
+        KT=kernel_t, CA_PAD=ca_pad, DOT_PRECISION=constexprs["DOT_PRECISION"], BLOCK_A=constexprs["BLOCK_A"],
     )
     d_up_weight = _token_outer_product(grad_out, a_buf, prefix) * options.scale
     d_down_weight = _token_outer_product(x, dy_buf, prefix).T

@@ -25,112 +25,83 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (activation_derivative, activation_forward, copy_prefix_tile, down_projection, matmul,
-                     temporal_conv)
+from .common import (activation_derivative, activation_forward, copy_prefix_tile, matmul, ring_offsets,
+                     store_next_frame, temporal_conv)
 
 
 @triton.jit
 def st_adapter_backward_bottleneck_kernel(
     x_ptr, grad_ptr, w_down_ptr, b_down_ptr, w_conv_ptr, b_conv_ptr, w_up_ptr, cond_ptr,
-    a_buf_ptr, dz_buf_ptr, conv_partial_ptr,
-    T, P, C, CA, prefix,
+    a_buf_ptr, dz_buf_ptr, conv_partial_ptr, scratch_ptr,
+    B, T, P, C, CA, prefix, scratch_per_program,
     x_sb, x_st, x_sl, g_sb, g_st, g_sl,
     scale,
     KT: tl.constexpr, CA_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_B_DOWN: tl.constexpr, HAS_B_CONV: tl.constexpr, HAS_COND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    batch = tl.program_id(1)
-    b = batch.to(tl.int64)
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_mask = p < P
-    token = (prefix + p).to(tl.int64)
-    x_rows = b * x_sb + token * x_sl
-    g_rows = b * g_sb + token * g_sl
-    buf_rows = (b * T * P + p) * CA  # row offsets of frame 0 in the contiguous (B, T, P, Ca) buffers
+    pid = tl.program_id(0)
+    ring_ptr = scratch_ptr + pid.to(tl.int64) * scratch_per_program
+    tiles_per_video = (P + BLOCK_P - 1) // BLOCK_P
+    half = KT // 2
+    rows = tl.arange(0, BLOCK_P)
     ca = tl.arange(0, CA_PAD)
     ca_mask = ca < CA
-    buf_mask = row_mask[:, None] & ca_mask[None, :]
-    window_dtype = x_ptr.dtype.element_ty
-    half = KT // 2
-
-    zero = tl.zeros((BLOCK_P, CA_PAD), window_dtype)
-    y_m2 = zero
-    y_m1 = zero
-    y_0 = zero
-    y_p1 = zero
-    if KT >= 3:
-        y_0 = down_projection(x_ptr, x_rows, row_mask, b * 0, T, w_down_ptr, b_down_ptr, cond_ptr, batch, C,
-                              CA, HAS_B_DOWN, HAS_COND, CA_PAD, BLOCK_C, DOT_PRECISION).to(window_dtype)
-    if KT == 5:
-        y_p1 = down_projection(x_ptr, x_rows + x_st, row_mask, b * 0 + 1, T, w_down_ptr, b_down_ptr, cond_ptr,
-                               batch, C, CA, HAS_B_DOWN, HAS_COND, CA_PAD, BLOCK_C, DOT_PRECISION).to(window_dtype)
-    # Per-program partial conv gradients, one (Ca,) vector per tap, and the conv bias gradient.
-    d_tap0 = tl.zeros((CA_PAD,), tl.float32)
-    d_tap1 = tl.zeros((CA_PAD,), tl.float32)
-    d_tap2 = tl.zeros((CA_PAD,), tl.float32)
-    d_tap3 = tl.zeros((CA_PAD,), tl.float32)
-    d_tap4 = tl.zeros((CA_PAD,), tl.float32)
-    d_conv_bias = tl.zeros((CA_PAD,), tl.float32)
-    for t in range(T):
-        frame = b * 0 + t  # int64, so frame * stride cannot overflow
-        y_new = down_projection(x_ptr, x_rows + (frame + half) * x_st, row_mask, frame + half, T, w_down_ptr,
-                                b_down_ptr, cond_ptr, batch, C, CA, HAS_B_DOWN, HAS_COND, CA_PAD, BLOCK_C,
-                                DOT_PRECISION).to(window_dtype)
-        if KT == 1:
-            z = temporal_conv(zero, zero, y_new, zero, zero, w_conv_ptr, b_conv_ptr, CA, KT, HAS_B_CONV, CA_PAD)
-        elif KT == 3:
-            z = temporal_conv(zero, y_m1, y_0, y_new, zero, w_conv_ptr, b_conv_ptr, CA, KT, HAS_B_CONV, CA_PAD)
-        else:
-            z = temporal_conv(y_m2, y_m1, y_0, y_p1, y_new, w_conv_ptr, b_conv_ptr, CA, KT, HAS_B_CONV, CA_PAD)
-        frame_buf = (buf_rows + frame * P * CA)[:, None] + ca[None, :]
-        tl.store(a_buf_ptr + frame_buf, activation_forward(z, ACTIVATION).to(window_dtype), mask=buf_mask)
-
-        da = tl.zeros((BLOCK_P, CA_PAD), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_mask = c < C
-            g = tl.load(grad_ptr + (g_rows + frame * g_st)[:, None] + c[None, :],
-                        mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            w_up = tl.load(w_up_ptr + c[:, None] * CA + ca[None, :],
-                           mask=c_mask[:, None] & ca_mask[None, :], other=0.0)
-            da = matmul(g, w_up, da, DOT_PRECISION)
-        dz = scale * da
-        if ACTIVATION != 0:
-            dz = dz * activation_derivative(z, ACTIVATION)
-        tl.store(dz_buf_ptr + frame_buf, dz, mask=buf_mask)
-
-        d_conv_bias += tl.sum(dz, axis=0)
-        if KT == 1:
-            d_tap0 += tl.sum(dz * y_new.to(tl.float32), axis=0)
-        elif KT == 3:
-            d_tap0 += tl.sum(dz * y_m1.to(tl.float32), axis=0)
-            d_tap1 += tl.sum(dz * y_0.to(tl.float32), axis=0)
-            d_tap2 += tl.sum(dz * y_new.to(tl.float32), axis=0)
-            y_m1 = y_0
-            y_0 = y_new
-        else:
-            d_tap0 += tl.sum(dz * y_m2.to(tl.float32), axis=0)
-            d_tap1 += tl.sum(dz * y_m1.to(tl.float32), axis=0)
-            d_tap2 += tl.sum(dz * y_0.to(tl.float32), axis=0)
-            d_tap3 += tl.sum(dz * y_p1.to(tl.float32), axis=0)
-            d_tap4 += tl.sum(dz * y_new.to(tl.float32), axis=0)
-            y_m2 = y_m1
-            y_m1 = y_0
-            y_0 = y_p1
-            y_p1 = y_new
-
-    # conv_partial is (programs, KT + 1, Ca): the taps, then the bias.
-    partial = conv_partial_ptr + (b * tl.num_programs(0) + tile) * (KT + 1) * CA + ca
-    tl.store(partial, d_tap0, mask=ca_mask)
-    if KT >= 3:
-        tl.store(partial + CA, d_tap1, mask=ca_mask)
-        tl.store(partial + 2 * CA, d_tap2, mask=ca_mask)
-    if KT == 5:
-        tl.store(partial + 3 * CA, d_tap3, mask=ca_mask)
-        tl.store(partial + 4 * CA, d_tap4, mask=ca_mask)
-    tl.store(partial + KT * CA, d_conv_bias, mask=ca_mask)
+    # This program's partial conv gradients, summed over all its work items: (KT + 1, Ca), the
+    # taps then the bias, kept in the fp32 partial buffer itself (each program owns its row).
+    partial_ptr = conv_partial_ptr + pid.to(tl.int64) * (KT + 1) * CA
+    for j in tl.static_range(KT + 1):
+        tl.store(partial_ptr + j * CA + ca, tl.zeros((CA_PAD,), tl.float32), mask=ca_mask)
+    for work in range(pid, B * tiles_per_video, tl.num_programs(0)):
+        batch = work // tiles_per_video
+        b = batch.to(tl.int64)
+        p = (work % tiles_per_video) * BLOCK_P + rows
+        row_mask = p < P
+        token = (prefix + p).to(tl.int64)
+        x_rows = b * x_sb + token * x_sl
+        g_rows = b * g_sb + token * g_sl
+        buf_rows = (b * T * P + p) * CA  # rows of frame 0 in the contiguous (B, T, P, Ca) buffers
+        for f in tl.static_range(KT - 1):
+            store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, b * 0 + f - half, T, x_st, w_down_ptr, b_down_ptr,
+                             cond_ptr, batch, C, CA, KT, HAS_B_DOWN, HAS_COND, BLOCK_P, CA_PAD, BLOCK_C,
+                             BLOCK_A, DOT_PRECISION)
+        for t in range(T):
+            frame = b * 0 + t  # int64, so frame * stride cannot overflow
+            store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, frame + half, T, x_st, w_down_ptr, b_down_ptr,
+                             cond_ptr, batch, C, CA, KT, HAS_B_DOWN, HAS_COND, BLOCK_P, CA_PAD, BLOCK_C,
+                             BLOCK_A, DOT_PRECISION)
+            tl.debug_barrier()  # the ring slot stored above is read by other threads
+            for a0 in range(0, CA_PAD, BLOCK_A):
+                cols = a0 + tl.arange(0, BLOCK_A)
+                col_mask = cols < CA
+                da = tl.zeros((BLOCK_P, BLOCK_A), tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    c_mask = c < C
+                    g = tl.load(grad_ptr + (g_rows + frame * g_st)[:, None] + c[None, :],
+                                mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+                    w_up = tl.load(w_up_ptr + c[:, None] * CA + cols[None, :],
+                                   mask=c_mask[:, None] & col_mask[None, :], other=0.0)
+                    da = matmul(g, w_up, da, DOT_PRECISION)
+                z = temporal_conv(ring_ptr, frame, w_conv_ptr, b_conv_ptr, cols, CA, KT, HAS_B_CONV, BLOCK_P, CA_PAD)
+                buf_mask = row_mask[:, None] & col_mask[None, :]
+                frame_buf = (buf_rows + frame * P * CA)[:, None] + cols[None, :]
+                tl.store(a_buf_ptr + frame_buf, activation_forward(z, ACTIVATION).to(a_buf_ptr.dtype.element_ty),
+                         mask=buf_mask)
+                dz = scale * da
+                if ACTIVATION != 0:
+                    dz = dz * activation_derivative(z, ACTIVATION)
+                dz = tl.where(buf_mask, dz, 0.0)
+                tl.store(dz_buf_ptr + frame_buf, dz, mask=buf_mask)
+                # dL/dw_conv[:, j] gets dz[t] * y[t + j - kt//2]; the y tiles come back from the ring.
+                # Each program owns its partial row, so this read-modify-write races with no one.
+                for j in tl.static_range(KT):
+                    y = tl.load(ring_ptr + ring_offsets(frame + j - half, KT, BLOCK_P, CA_PAD, cols))
+                    tap = tl.load(partial_ptr + j * CA + cols, mask=col_mask)
+                    tl.store(partial_ptr + j * CA + cols, tap + tl.sum(dz * y.to(tl.float32), axis=0), mask=col_mask)
+                bias = tl.load(partial_ptr + KT * CA + cols, mask=col_mask)
+                tl.store(partial_ptr + KT * CA + cols, bias + tl.sum(dz, axis=0), mask=col_mask)
+            tl.debug_barrier()  # the next frame overwrites a ring slot read above
 
 
 @triton.jit
@@ -139,7 +110,7 @@ def st_adapter_backward_input_kernel(
     T, P, C, CA, prefix, partial_tiles,
     g_sb, g_st, g_sl, dx_sb, dx_st, dx_sl,
     KT: tl.constexpr, CA_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     tile = tl.program_id(0)
     t = tl.program_id(1)
@@ -156,25 +127,27 @@ def st_adapter_backward_input_kernel(
         p = patch_tile * BLOCK_P + tl.arange(0, BLOCK_P)
         row_mask = p < P
         token = (prefix + p).to(tl.int64)
-        ca = tl.arange(0, CA_PAD)
-        ca_mask = ca < CA
         buf_rows = (b * T * P + p) * CA
         half = KT // 2
-
-        dy = tl.zeros((BLOCK_P, CA_PAD), tl.float32)
-        for tap in tl.static_range(KT):
-            source = frame - tap + half  # the frame whose z read y[t] through this tap
-            source_ok = (source >= 0) & (source < T)
-            dz = tl.load(dz_buf_ptr + (buf_rows + source * P * CA)[:, None] + ca[None, :],
-                         mask=row_mask[:, None] & ca_mask[None, :] & source_ok, other=0.0)
-            w = tl.load(w_conv_ptr + ca * KT + tap, mask=ca_mask, other=0.0).to(tl.float32)
-            dy += w[None, :] * dz
         # Partials are (B, T, partial_tiles, .): partial_tiles >= the tiles of this launch.
         partial_row = (b * T + frame) * partial_tiles + patch_tile
-        tl.store(dy_partial_ptr + partial_row * CA + ca, tl.sum(dy, axis=0), mask=ca_mask)
-        dy_low = dy.to(dy_buf_ptr.dtype.element_ty)
-        tl.store(dy_buf_ptr + (buf_rows + frame * P * CA)[:, None] + ca[None, :], dy_low,
-                 mask=row_mask[:, None] & ca_mask[None, :])
+
+        # dy[t] = sum_j w_conv[:, j] * dz[t - j + kt//2], BLOCK_A channels at a time, into dy_buf.
+        for a0 in range(0, CA_PAD, BLOCK_A):
+            cols = a0 + tl.arange(0, BLOCK_A)
+            col_mask = cols < CA
+            dy = tl.zeros((BLOCK_P, BLOCK_A), tl.float32)
+            for tap in tl.static_range(KT):
+                source = frame - tap + half  # the frame whose z read y[t] through this tap
+                source_ok = (source >= 0) & (source < T)
+                dz = tl.load(dz_buf_ptr + (buf_rows + source * P * CA)[:, None] + cols[None, :],
+                             mask=row_mask[:, None] & col_mask[None, :] & source_ok, other=0.0)
+                w = tl.load(w_conv_ptr + cols * KT + tap, mask=col_mask, other=0.0).to(tl.float32)
+                dy += w[None, :] * dz
+            tl.store(dy_partial_ptr + partial_row * CA + cols, tl.sum(dy, axis=0), mask=col_mask)
+            tl.store(dy_buf_ptr + (buf_rows + frame * P * CA)[:, None] + cols[None, :],
+                     dy.to(dy_buf_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        tl.debug_barrier()  # dy is read back whole by every thread below
 
         g_rows = b * g_sb + frame * g_st + token * g_sl
         dx_rows = b * dx_sb + frame * dx_st + token * dx_sl
@@ -182,10 +155,16 @@ def st_adapter_backward_input_kernel(
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
             mask = row_mask[:, None] & c_mask[None, :]
-            w_down = tl.load(w_down_ptr + ca[:, None] * C + c[None, :],
-                             mask=ca_mask[:, None] & c_mask[None, :], other=0.0)
             g = tl.load(grad_ptr + g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            dx = g + matmul(dy_low, w_down, None, DOT_PRECISION)
+            dx = g
+            for a0 in range(0, CA_PAD, BLOCK_A):
+                cols = a0 + tl.arange(0, BLOCK_A)
+                col_mask = cols < CA
+                dy_chunk = tl.load(dy_buf_ptr + (buf_rows + frame * P * CA)[:, None] + cols[None, :],
+                                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+                w_down = tl.load(w_down_ptr + cols[:, None] * C + c[None, :], mask=col_mask[:, None] & c_mask[None, :],
+                                 other=0.0)
+                dx = matmul(dy_chunk, w_down, dx, DOT_PRECISION)
             tl.store(dx_ptr + dx_rows[:, None] + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_partial_ptr + partial_row * C + c, tl.sum(g, axis=0), mask=c_mask)
 

@@ -1,5 +1,11 @@
-"""Triton helpers shared by the forward and backward kernels: activations, tiles of the
-bottleneck, the temporal conv over a rolling window, and the prefix-token copy.
+"""Triton helpers shared by the forward and backward kernels: activations, the down-projection,
+the ring of bottleneck tiles and the temporal conv over it, and the prefix-token copy.
+
+The rolling window over T lives in a per-program ring of KT bottleneck tiles in a small
+scratch buffer (L1/L2-resident: programs x KT x BLOCK_P x CA_PAD elements, independent of the
+token count), not in registers: Triton 3.8 keeps loop-carried tiles that feed a tl.dot in the
+dot-operand layout, replicated across warps, which spills from Ca = 128 on. Writing and reading
+the window in chunks of BLOCK_A channels keeps every live tile small at any Ca.
 
 The bottleneck tile of one frame is (BLOCK_P, CA_PAD): CA_PAD is Ca rounded up to a power of
 two (tl.arange needs one); the padded columns load zero weights, so they stay exactly zero
@@ -91,58 +97,74 @@ def matmul(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def down_projection(x_ptr, row_offsets, row_mask, frame, T, w_down_ptr, b_down_ptr, cond_ptr, batch, C, CA,
-                    HAS_B_DOWN: tl.constexpr, HAS_COND: tl.constexpr, CA_PAD: tl.constexpr,
-                    BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """y[frame] = x @ w_down.T + b_down + cond[batch] for one tile, fp32; zero when frame is
-    outside [0, T), which is the conv's zero padding (bias and cond included).
+def down_projection(x_ptr, row_offsets, row_mask, frame, T, w_down_ptr, b_down_ptr, cond_ptr, batch, cols, C, CA,
+                    HAS_B_DOWN: tl.constexpr, HAS_COND: tl.constexpr, BLOCK_C: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """y[frame][:, cols] = x @ w_down[cols].T + b_down + cond[batch] for one tile, fp32; zero when
+    frame is outside [0, T), which is the conv's zero padding (bias and cond included).
 
     `row_offsets` (BLOCK_P,) are the int64 element offsets of the tile's rows in `frame`.
     """
-    ca = tl.arange(0, CA_PAD)
-    ca_mask = ca < CA
+    col_mask = cols < CA
     frame_ok = (frame >= 0) & (frame < T)
-    acc = tl.zeros((row_offsets.shape[0], CA_PAD), dtype=tl.float32)
+    acc = tl.zeros((row_offsets.shape[0], cols.shape[0]), dtype=tl.float32)
     if frame_ok:
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
             x = tl.load(x_ptr + row_offsets[:, None] + c[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            w = tl.load(w_down_ptr + ca[None, :] * C + c[:, None], mask=ca_mask[None, :] & c_mask[:, None],
+            w = tl.load(w_down_ptr + cols[None, :] * C + c[:, None], mask=col_mask[None, :] & c_mask[:, None],
                         other=0.0)
             acc = matmul(x, w, acc, DOT_PRECISION)
         if HAS_B_DOWN:
-            acc += tl.load(b_down_ptr + ca, mask=ca_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_down_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_COND:
-            acc += tl.load(cond_ptr + batch.to(tl.int64) * CA + ca, mask=ca_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(cond_ptr + batch.to(tl.int64) * CA + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def conv_tap(y, w_conv_ptr, tap, CA, KT: tl.constexpr, CA_PAD: tl.constexpr):
-    """w_conv[:, tap] * y, fp32: one tap of the depthwise temporal conv (w_conv is (Ca, KT))."""
-    ca = tl.arange(0, CA_PAD)
-    w = tl.load(w_conv_ptr + ca * KT + tap, mask=ca < CA, other=0.0).to(tl.float32)
-    return w[None, :] * y.to(tl.float32)
+def ring_offsets(frame, KT: tl.constexpr, BLOCK_P: tl.constexpr, CA_PAD: tl.constexpr, cols):
+    """Offsets of frame's (BLOCK_P, len(cols)) slot in a program's ring of KT bottleneck tiles.
+
+    The ring is (KT, BLOCK_P, CA_PAD), contiguous: frame f lives in slot f mod KT, so the KT
+    frames t - kt//2 .. t + kt//2 that z[t] reads are all present once y[t + kt//2] is stored.
+    """
+    slot = ((frame % KT) + KT) % KT  # frames before 0 (zero padding) have slots too
+    rows = tl.arange(0, BLOCK_P)
+    return (slot * BLOCK_P + rows)[:, None] * CA_PAD + cols[None, :]
 
 
 @triton.jit
-def temporal_conv(y_m2, y_m1, y_0, y_p1, y_p2, w_conv_ptr, b_conv_ptr, CA,
-                  KT: tl.constexpr, HAS_B_CONV: tl.constexpr, CA_PAD: tl.constexpr):
-    """z[t] from the window y[t-2] .. y[t+2] (only the KT middle ones are read), fp32."""
-    if KT == 1:
-        z = conv_tap(y_0, w_conv_ptr, 0, CA, KT, CA_PAD)
-    elif KT == 3:
-        z = (conv_tap(y_m1, w_conv_ptr, 0, CA, KT, CA_PAD) + conv_tap(y_0, w_conv_ptr, 1, CA, KT, CA_PAD)
-             + conv_tap(y_p1, w_conv_ptr, 2, CA, KT, CA_PAD))
-    else:
-        z = (conv_tap(y_m2, w_conv_ptr, 0, CA, KT, CA_PAD) + conv_tap(y_m1, w_conv_ptr, 1, CA, KT, CA_PAD)
-             + conv_tap(y_0, w_conv_ptr, 2, CA, KT, CA_PAD) + conv_tap(y_p1, w_conv_ptr, 3, CA, KT, CA_PAD)
-             + conv_tap(y_p2, w_conv_ptr, 4, CA, KT, CA_PAD))
+def temporal_conv(ring_ptr, frame, w_conv_ptr, b_conv_ptr, cols, CA,
+                  KT: tl.constexpr, HAS_B_CONV: tl.constexpr, BLOCK_P: tl.constexpr, CA_PAD: tl.constexpr):
+    """z[frame][:, cols] = sum_j w_conv[cols, j] * y[frame + j - kt//2][:, cols] (+ b_conv), fp32."""
+    col_mask = cols < CA
+    z = tl.zeros((BLOCK_P, cols.shape[0]), tl.float32)
+    for tap in tl.static_range(KT):
+        y = tl.load(ring_ptr + ring_offsets(frame + tap - KT // 2, KT, BLOCK_P, CA_PAD, cols))
+        w = tl.load(w_conv_ptr + cols * KT + tap, mask=col_mask, other=0.0).to(tl.float32)
+        z += w[None, :] * y.to(tl.float32)
     if HAS_B_CONV:
-        ca = tl.arange(0, CA_PAD)
-        z += tl.load(b_conv_ptr + ca, mask=ca < CA, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(b_conv_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return z
+
+
+@triton.jit
+def store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, frame, T, x_st, w_down_ptr, b_down_ptr, cond_ptr, batch,
+                     C, CA, KT: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_COND: tl.constexpr,
+                     BLOCK_P: tl.constexpr, CA_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """Down-project `frame` (zeros outside [0, T)) into its ring slot, in x's dtype, BLOCK_A
+    channels at a time (the x tiles are re-read per chunk from L1/L2, not HBM).
+
+    `x_rows` are the int64 offsets of the tile's rows in frame 0; `frame` is int64.
+    """
+    for a0 in range(0, CA_PAD, BLOCK_A):
+        cols = a0 + tl.arange(0, BLOCK_A)
+        y = down_projection(x_ptr, x_rows + frame * x_st, row_mask, frame, T, w_down_ptr, b_down_ptr, cond_ptr,
+                            batch, cols, C, CA, HAS_B_DOWN, HAS_COND, BLOCK_C, DOT_PRECISION)
+        tl.store(ring_ptr + ring_offsets(frame, KT, BLOCK_P, CA_PAD, cols), y.to(ring_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -70,6 +70,13 @@ SHIPPED: dict[tuple[str, int], tuple[TileConfig, ...]] = {
 #: The weight-gradient GEMM's config, per dtype size in bytes (fp32 tiles cost twice the shared memory).
 OUTER_PRODUCT = {2: OuterProductConfig(64, 64, 64, 4, 3), 4: OuterProductConfig(32, 64, 64, 4, 2)}
 
+#: Persistent kernels launch this many programs per SM (two resident programs hide the
+#: barrier stalls of one), and this many in the interpreter.
+PROGRAMS_PER_SM = 2
+INTERPRETER_PROGRAMS = 3
+#: Widest chunk of the bottleneck computed or read back at once (a tl.dot operand tile).
+MAX_BLOCK_A = 128
+
 #: Largest bottleneck the shipped configs cover.
 MAX_BOTTLENECK = max(ca_pad for _, ca_pad in SHIPPED)
 
@@ -81,6 +88,11 @@ def interpreting() -> bool:
 def ca_pad(bottleneck: int) -> int:
     """Ca rounded up to a power of two, at least 16 (the smallest tl.dot dimension)."""
     return max(16, triton.next_power_of_2(bottleneck))
+
+
+def block_a(bottleneck: int) -> int:
+    """Channels of the bottleneck handled at once when it is read back from scratch."""
+    return min(ca_pad(bottleneck), MAX_BLOCK_A)
 
 
 def configs_for(kernel: str, bottleneck: int) -> tuple[TileConfig, ...]:

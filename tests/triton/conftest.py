@@ -5,8 +5,14 @@ file sets it before anything imports triton, and fails loudly if triton was impo
 without it (e.g. `pytest tests` collecting other tests first: run `make test-triton`).
 """
 
+import json
 import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+import pytest
 
 if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError(
@@ -14,3 +20,60 @@ if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         "was set; run these tests in a process of their own: `make test-triton` or "
         "`TRITON_INTERPRET=1 python -m pytest tests/triton`")
 os.environ["TRITON_INTERPRET"] = "1"
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class AheadOfTimeReport:
+    """`python -m stadapter_kernels.inspect --arch sm_90` started when the session starts.
+
+    Compiling every shipped config takes a minute or two of one core, while the interpreter
+    tests keep the other busy: running it alongside them keeps the suite's wall time down.
+    It runs without TRITON_INTERPRET, which would replace the kernels by Python functions.
+    """
+
+    def __init__(self):
+        self.directory = tempfile.TemporaryDirectory(prefix="stadapter-inspect-")
+        self.json_path = Path(self.directory.name) / "usage.json"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stadapter_kernels.inspect", "--arch", "sm_90", "--json", str(self.json_path)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def result(self, timeout: float):
+        """(exit status, printed table, rows as dicts)."""
+        output, _ = self.process.communicate(timeout=timeout)
+        rows = json.loads(self.json_path.read_text()) if self.json_path.exists() else []
+        return self.process.returncode, output, rows
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.directory.cleanup()
+
+
+_REPORT = None
+
+
+def pytest_collection_finish(session):
+    global _REPORT
+    if any(item.get_closest_marker("aot_compile") for item in session.items):
+        _REPORT = AheadOfTimeReport()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _REPORT is not None:
+        _REPORT.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "aot_compile: needs the ahead-of-time compile report (sm_90)")
+
+
+@pytest.fixture
+def aot_report():
+    if _REPORT is None:
+        pytest.skip("the ahead-of-time report was not started")
+    return _REPORT

@@ -13,21 +13,19 @@
 // path fast on CPUs without native bf16 matrix instructions, where ATen's bf16 GEMM is a slow
 // fallback while its float32 GEMM is MKL's.
 //
-// Determinism: every tile is computed by one thread with single-threaded GEMMs (at::mm inside
-// at::parallel_for), and weight-gradient partials are accumulated per reduction group (a fixed
+// Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
+// MKL pinned to one thread, see SequentialBlas), and weight-gradient partials are accumulated per reduction group (a fixed
 // run of tiles) and summed in group order, so results are bit-identical for any thread count.
 #include "st_adapter_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -153,10 +151,12 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   s.kernel_t = conv_weight.size(2);
   s.half = s.kernel_t / 2;
   TORCH_CHECK(s.patches > 0, "stadapter_cpp: prefix must be smaller than L");
-  // Equal-sized tiles: ceil(P / target) tiles, spread evenly, so no tile is a tiny remainder.
-  const int64_t target = tile_patches > 0 ? tile_patches : kTargetTilePatches;
-  const int64_t count = (s.patches + target - 1) / target;
-  s.tile = tile_patches > 0 ? tile_patches : (s.patches + count - 1) / count;
+  if (tile_patches > 0) {
+    s.tile = tile_patches;
+  } else {  // ceil(P / target) tiles of equal size, so no tile is a tiny, inefficient remainder
+    const int64_t count = (s.patches + kTargetTilePatches - 1) / kTargetTilePatches;
+    s.tile = (s.patches + count - 1) / count;
+  }
   s.tiles_per_video = (s.patches + s.tile - 1) / s.tile;
   s.tiles = s.batch * s.tiles_per_video;
   return s;

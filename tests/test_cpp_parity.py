@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
-from parity import Case, assert_matches_oracle, make_inputs
+from parity import INPUT_NAMES, TOLERANCE, Case, assert_matches_oracle, call, make_inputs, rel_error
 from stadapter_kernels import fused_cpp
+from stadapter_kernels.reference import oracle
 
 pytestmark = pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason=str(fused_cpp._BUILD_ERROR))
 
@@ -43,8 +44,6 @@ def test_cpp_matches_oracle(case, tile, monkeypatch):
 
 
 def test_auto_picks_cpp_for_cpu_tensors():
-    from parity import call
-
     choice = call(sk.explain, make_inputs(BASE, seed=0), BASE)
     assert choice.backend == "cpp", str(choice)
 
@@ -95,3 +94,22 @@ def test_compile_fullgraph_with_the_cpp_backend():
     assert torch.equal(compiled, eager)
     for c, e in zip(compiled_grads, eager_grads):
         assert torch.equal(c, e)
+
+
+def test_broadcast_grad_out_with_zero_row_strides():
+    """grad_out of (out * w).sum() is w expanded over (B*T, L): row strides 0, channel stride 1."""
+    case = BASE.with_(cond=True)
+    inputs = make_inputs(case, seed=4)
+    weight = torch.randn(case.channels, dtype=torch.float64)
+
+    def gradients(fn, cast):
+        leaves = [cast(inputs[n]).requires_grad_() for n in INPUT_NAMES if inputs[n] is not None]
+        named = dict(zip([n for n in INPUT_NAMES if inputs[n] is not None], leaves))
+        extra = {"backend": "cpp"} if fn is sk.st_adapter else {}
+        out = call(fn, {n: named.get(n) for n in INPUT_NAMES}, case, **extra)
+        return torch.autograd.grad((out * weight.to(out.dtype)).sum(), leaves)
+
+    actual = gradients(sk.st_adapter, lambda t: t.detach().clone())
+    expected = gradients(oracle, lambda t: t.detach().double())
+    for a, e in zip(actual, expected):
+        assert rel_error(a, e) <= TOLERANCE[case.dtype]

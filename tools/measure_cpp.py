@@ -10,6 +10,7 @@ rounds are compared:
 
     floor fwd      torch.mm on the forward's 2 GEMM shapes
     floor fwd+bwd  torch.mm on the 6 GEMM shapes of forward + backward
+    fp32 floor     (bf16/fp16 only) the same GEMMs in float32, the precision the kernels compute in
     cpp            st_adapter(backend="cpp"): forward, and forward + autograd backward
     official       fc1, permute to channels-first .contiguous(), depthwise Conv3d (3,1,1),
                    permute back .contiguous(), fc2, in-place residual (the official module)
@@ -158,6 +159,10 @@ def main():
                 "official fwd": timed_flow(official_flow, inputs, backward=False),
                 "official fwd+bwd": timed_flow(official_flow, inputs, backward=True),
             }
+            if dtype != torch.float32:
+                # The kernels compute in float32 whatever the dtype: its GEMMs are the attainable floor.
+                candidates["fp32 floor fwd"] = timed(gemm_floor(torch.float32, bottleneck, backward=False))
+                candidates["fp32 floor fwd+bwd"] = timed(gemm_floor(torch.float32, bottleneck, backward=True))
             for tile in filter(None, args.tile_sweep.split(",")):
                 candidates[f"tile {tile} fwd"] = raw_op(inputs, int(tile), backward=False)
                 candidates[f"tile {tile} fwd+bwd"] = raw_op(inputs, int(tile), backward=True)
@@ -165,7 +170,9 @@ def main():
             print(f"\n{dtype_name} Ca={bottleneck}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
             for phase in ("fwd", "fwd+bwd"):
                 print(f"  {phase:8s} cpp / floor = {m[f'cpp {phase}'] / m[f'floor {phase}']:.3f}   "
-                      f"official / cpp = {m[f'official {phase}'] / m[f'cpp {phase}']:.2f}x")
+                      f"official / cpp = {m[f'official {phase}'] / m[f'cpp {phase}']:.2f}x"
+                      + (f"   cpp / fp32 floor = {m[f'cpp {phase}'] / m[f'fp32 floor {phase}']:.3f}"
+                         if f"fp32 floor {phase}" in m else ""))
             for tile in filter(None, args.tile_sweep.split(",")):
                 print(f"  tile {tile}: fwd / floor = {m[f'tile {tile} fwd'] / m['floor fwd']:.3f}, "
                       f"fwd+bwd / floor = {m[f'tile {tile} fwd+bwd'] / m['floor fwd+bwd']:.3f}")

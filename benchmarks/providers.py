@@ -191,7 +191,14 @@ def _floor_case(shape: Shape, dtype: torch.dtype, device: str, grad: bool) -> Ca
         torch.mm(dy, w1)  # dL/dx: (N x Ca) @ (Ca x C)
         return torch.mm(dy.T, x)  # dL/dfc1: (Ca x N) @ (N x C)
 
-    return Case(run=forward_backward if grad else forward, backend="torch.mm x6" if grad else "torch.mm x2")
+    notes = []
+    if device == "cpu" and dtype != torch.float32:
+        # CPUs without native bf16/fp16 GEMMs (AVX2 ones) run these torch.mm calls far below
+        # their float32 speed, while a fused kernel may accumulate in float32 tiles.
+        notes.append(f"torch.mm in {dtype} on CPU ({torch.backends.cpu.get_cpu_capability()}): "
+                     "not a lower bound without native low-precision GEMMs")
+    return Case(run=forward_backward if grad else forward, backend="torch.mm x6" if grad else "torch.mm x2",
+                notes=notes)
 
 
 def compiled(fn: Callable, notes: list[str]) -> Callable:

@@ -94,6 +94,32 @@ def roofline_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(records: list[dict]) -> str:
+    """The results as one GitHub-markdown table (what README.md embeds)."""
+    lines = ["| mode | shape | dtype | provider | median ms (p20-p80) | x fused | x floor | saved MiB (activations) "
+             "| backend |", "|---|---|---|---|---|---|---|---|---|"]
+    for group in grouped(records).values():
+        mode, shape, dtype = case_label(group[0]).split("  ")
+        shape = shape.replace(" ", ", ")
+        for r in group:
+            if r["status"] != "ok":
+                lines.append(f"| {mode} | {shape} | {dtype} | {r['provider']} | {r['status']} | | | | {r['reason']} |")
+                continue
+            t, m = r["time"], r["memory"]
+            saved = "-" if m["saved_bytes"] is None else \
+                f"{_mib(m['saved_bytes'])} ({_mib(m['saved_activation_bytes'])})"
+            lines.append(f"| {mode} | {shape} | {dtype} | {r['provider']} | {t['median_ms']:.1f} "
+                         f"({t['p20_ms']:.1f}-{t['p80_ms']:.1f}) | {_fmt(r['ratio_to_fused'], '.2f')} "
+                         f"| {_fmt(r['ratio_to_floor'], '.2f')} | {saved} | {r['backend']} |")
+    return "\n".join(lines)
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text + "\n")
+
+
 def write_json(path: str, document: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:

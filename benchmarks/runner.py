@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV file rows are appended to (default: %(default)s)")
     output.add_argument("--plot-dir", metavar="DIR", default=RESULTS_DIR,
                         help="where bench-DEVICE-time.png and bench-DEVICE-memory.png go (default: %(default)s)")
+    output.add_argument("--markdown", metavar="PATH", help="also write the results as a markdown table")
     output.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     output.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
@@ -266,6 +267,9 @@ def run(argv=None) -> dict:
     report.write_json(json_path, document)
     report.append_csv(args.csv, records)
     written = [json_path, args.csv]
+    if args.markdown:
+        report.write_text(args.markdown, report.markdown_table(records))
+        written.append(args.markdown)
     if not args.no_plot:
         for kind, draw in (("time", report.plot_time), ("memory", report.plot_memory)):
             path = os.path.join(args.plot_dir, f"bench-{device}-{kind}.png")

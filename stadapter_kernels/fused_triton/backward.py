@@ -1,15 +1,17 @@
 """The fused backward kernels: nothing of the forward is saved but x; the bottleneck is recomputed.
 
-Three kernels, each reading the large tensors (x, grad_out) once:
+Three kernels (four launches), each reading the large tensors (x, grad_out) once:
 
-1. `st_adapter_backward_bottleneck_kernel` walks T like the forward (same rolling window),
-   recomputes y, z and a = act(z), computes da = scale * grad_out @ w_up and
-   dz = da * act'(z), and writes a and dz to transient (tokens x Ca) buffers that live only for
-   this backward call. The conv weight and bias gradients need the window of y, so they are
-   reduced here into fp32 per-program partials.
+1. `st_adapter_backward_bottleneck_kernel` walks T like the forward (same persistent grid and
+   ring of bottleneck tiles), recomputes y, z and a = act(z), computes
+   da = scale * grad_out @ w_up and dz = da * act'(z), BLOCK_A channels at a time, and writes a
+   and dz to transient (tokens x Ca) buffers that live only for this backward call. The conv
+   weight and bias gradients need the window of y, so they are accumulated here into one fp32
+   partial row per program.
 2. `st_adapter_backward_input_kernel` applies the transposed temporal conv to dz
    (dy[t] = sum_j w_conv[:, j] * dz[t - j + kt//2]), writes dy, and computes
-   dx = grad_out + dy @ w_down fused with the residual gradient (prefix tokens are copied).
+   dx = grad_out + dy @ w_down fused with the residual gradient (prefix tokens are copied),
+   reading dy back BLOCK_A channels at a time.
    It also writes fp32 per-program partial sums of dy (for the fc1 bias and cond gradients)
    and of grad_out (for the fc2 bias gradient).
 3. `token_outer_product_kernel` is a split-K GEMM over tokens, sum_n A[n, :]^T B[n, :], that

@@ -11,7 +11,8 @@ import torch
 
 from parity import Case, assert_matches_oracle
 
-# P = 37 patch tokens: two full 16-row tiles and a partial one (16 is the smallest BLOCK_P).
+# P = 37 patch tokens: a full 32-row tile and a partial one (32 is the BLOCK_P the interpreter runs),
+# and with the prefix tile 3 work items per video for the 3 persistent programs of the interpreter.
 BASE = Case(batch=2, frames=3, tokens=38, channels=40, bottleneck=24, kernel_t=3, prefix=1, activation="identity",
             scale=0.5, cond=True)
 
@@ -26,7 +27,10 @@ CASES = {
     "prefix0": BASE.with_(prefix=0, tokens=37),
     "prefix5_lnc": BASE.with_(prefix=5, tokens=42, layout="lnc", dtype=torch.float16),
     "btlc_ca48_c72": BASE.with_(layout="btlc", bottleneck=48, channels=72, scale=-1.5),
-    "prefix17_two_prefix_tiles": BASE.with_(prefix=17, tokens=30, batch=1),
+    "prefix33_two_prefix_tiles": BASE.with_(prefix=33, tokens=50, batch=1),
+    # Ca = 136 pads to 256: two BLOCK_A = 128 chunks of the bottleneck, the last one partial.
+    "ca136_chunked": BASE.with_(batch=1, frames=2, tokens=20, bottleneck=136, activation="quick_gelu",
+                                dtype=torch.float16),
 }
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu")
 

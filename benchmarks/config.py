@@ -53,8 +53,9 @@ QUICK = {
 
 @dataclass(frozen=True)
 class Repeats:
-    """Timed round-robin rounds per provider and untimed warmup rounds; the model modes, a
-    hundred times the work of one adapter, get fewer."""
+    """Timed round-robin rounds per provider and untimed warmup rounds (on top of the untimed
+    first call every provider makes); the model modes, a hundred times the work of one adapter,
+    get fewer."""
 
     warmup: int
     repeats: int
@@ -62,7 +63,7 @@ class Repeats:
     model_repeats: int
 
 
-REPEATS = {"quick": Repeats(warmup=2, repeats=10, model_warmup=1, model_repeats=5),
+REPEATS = {"quick": Repeats(warmup=1, repeats=10, model_warmup=0, model_repeats=5),
            "full": Repeats(warmup=3, repeats=30, model_warmup=2, model_repeats=10)}
 
 

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--repeats", type=int, metavar="N",
                         help="timed round-robin rounds, every mode (default: 10 quick / 30 full, model modes 5 / 10)")
     timing.add_argument("--warmup", type=int, metavar="N",
-                        help="untimed rounds first, every mode (default: 2 quick / 3 full, model modes 1 / 2)")
+                        help="untimed rounds first, every mode (default: 1 quick / 3 full, model modes 0 / 2)")
     timing.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default) = CUDA if present, else CPU")
     output = parser.add_argument_group("output")

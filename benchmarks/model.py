@@ -14,7 +14,7 @@ import stadapter_kernels
 from stadapter import STAdapter
 
 from . import config
-from .providers import Case, OfficialAdapter, Shape, Unavailable, compiled, init_adapter_, _fused_reason
+from .providers import Case, OfficialAdapter, Shape, Unavailable, compiled, fused_reason, init_adapter_
 
 
 class AdaptedBlock(nn.Module):
@@ -104,7 +104,7 @@ def model_case(provider: str, mode: str, cfg: config.ModelConfig, dtype: torch.d
             probe, adapter.fc1.weight, adapter.fc1.bias, adapter.conv.weight, adapter.conv.bias,
             adapter.fc2.weight, adapter.fc2.bias, num_frames=cfg.frames)
         if explanation.backend not in ("triton", "cpp"):
-            raise Unavailable(_fused_reason(explanation))
+            raise Unavailable(fused_reason(explanation))
         backend = explanation.backend
     model = build_model(provider, cfg, dtype, device, notes)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 import stadapter_kernels
-from stadapter import STAdapter
 
 from . import config
 
@@ -146,7 +145,7 @@ def micro_case(provider: str, mode: str, shape: Shape, dtype: torch.dtype, devic
         explanation = stadapter_kernels.explain(x, *params, num_frames=shape.T, prefix=shape.prefix,
                                                 backend=backend_arg)
         if provider == "fused" and explanation.backend not in ("triton", "cpp"):
-            raise Unavailable(_fused_reason(explanation))
+            raise Unavailable(fused_reason(explanation))
         backend = explanation.backend
         if provider == "compile":
             call = compiled(call, notes)
@@ -166,7 +165,7 @@ def micro_case(provider: str, mode: str, shape: Shape, dtype: torch.dtype, devic
     return Case(run=run, saved=forward if grad else None, backend=backend, notes=notes, existing=[x, *params])
 
 
-def _fused_reason(explanation) -> str:
+def fused_reason(explanation) -> str:
     fused = {name: why for name, why in explanation.rejected.items() if name in ("triton", "cpp")}
     return "; ".join(f"{name}: {why}" for name, why in fused.items()) or str(explanation)
 

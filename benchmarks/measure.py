@@ -82,10 +82,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def cuda_peak_bytes(run: Callable[[], object]) -> int:
-    """torch.cuda.max_memory_allocated over one call."""
+def cuda_peak_bytes(run: Callable[[], object]) -> dict:
+    """torch.cuda.max_memory_allocated over one call, and its rise above what was allocated before
+    (the other providers' inputs of the same case are alive too, so the rise is this call's own)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     run()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated()
+    return {"cuda_max_memory_allocated": peak, "cuda_peak_rise_bytes": peak - before}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections import defaultdict
 
 from . import config
@@ -17,7 +18,7 @@ CSV_FIELDS = (
     "mode", "provider", "dtype", "B", "T", "L", "C", "Ca", "kt", "prefix", "status", "backend",
     "median_ms", "p20_ms", "p80_ms", "samples", "ratio_to_fused", "ratio_to_floor", "tokens_per_s",
     "rel_err_vs_reference", "saved_bytes", "saved_activation_bytes", "peak_rss_bytes", "cuda_max_memory_allocated",
-    "modelled_ms", "measured_over_modelled", "reason", "notes",
+    "cuda_peak_rise_bytes", "modelled_ms", "measured_over_modelled", "reason", "notes",
 )
 
 
@@ -58,7 +59,7 @@ def results_table(records: list[dict]) -> str:
                 lines.append(f"{r['provider']:<10} {r['status']}: {r['reason']}")
                 continue
             t, m = r["time"], r["memory"]
-            peak = m["cuda_max_memory_allocated"]
+            peak = m["cuda_peak_rise_bytes"]
             peak = m["peak_rss_bytes"] if peak is None else peak
             tokens = None if r["tokens_per_s"] is None else r["tokens_per_s"] / 1e3
             detail = "; ".join([r["backend"], *r["notes"]])
@@ -138,8 +139,16 @@ def csv_row(record: dict) -> dict:
 
 
 def append_csv(path: str, records: list[dict]) -> None:
+    """Append one row per record; a file with other columns (an older schema) is moved aside first."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != CSV_FIELDS:
+            os.replace(path, path + ".old")
+            print(f"{path} had other columns: moved to {path}.old, starting a new file", file=sys.stderr)
+            new = True
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         if new:

@@ -190,11 +190,12 @@ def run_case(env, mode, what, dtype_name, providers, repeats, warmup, device, sk
         record = records[provider]
         record["time"] = measure.summarize(samples[provider])
         record["tokens_per_s"] = shape.tokens / (record["time"]["median_ms"] / 1e3)
-        memory = {"saved_bytes": None, "saved_activation_bytes": None, "cuda_max_memory_allocated": None}
+        memory = {"saved_bytes": None, "saved_activation_bytes": None, "cuda_max_memory_allocated": None,
+                  "cuda_peak_rise_bytes": None}
         if case.saved is not None:
             memory.update(measure.saved_bytes(case.saved, case.existing))
         if device == "cuda":
-            memory["cuda_max_memory_allocated"] = measure.cuda_peak_bytes(case.run)
+            memory.update(measure.cuda_peak_bytes(case.run))
         memory["peak_rss_bytes"] = measure.peak_rss_bytes()
         record["memory"] = memory
     _ratios(records.values())

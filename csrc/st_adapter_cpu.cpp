@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/irange.h>
@@ -234,6 +235,20 @@ void gemm(float* c, int64_t ldc, const at::Tensor& a, const at::Tensor& b, float
   at::addmm_out(out, out, a, b, beta, alpha);
 }
 
+// dst = float32(src) for a bfloat16/float16 run. at::vec::convert is a scalar loop in this
+// direction (only float32 -> half is vectorised), and widening x and grad_out is on the hot path.
+template <typename scalar_t>
+void widen(const scalar_t* src, float* dst, int64_t n) {
+  using HalfVec = at::vec::Vectorized<scalar_t>;  // 2 x kVec elements
+  int64_t i = 0;
+  for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+    const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(src + i));
+    low.store(dst + i);
+    high.store(dst + i + kVec);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 // The rows as float32: the source itself for float32, else widened into `buffer` (ld = cols).
 template <typename scalar_t>
 const float* widen_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* buffer,
@@ -242,7 +257,7 @@ const float* widen_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t c
     *ld_out = ld;
     return src;
   } else {
-    for (const auto r : c10::irange(rows)) at::vec::convert(src + r * ld, buffer + r * cols, cols);
+    for (const auto r : c10::irange(rows)) widen(src + r * ld, buffer + r * cols, cols);
     *ld_out = cols;
     return buffer;
   }
@@ -254,7 +269,7 @@ const float* residual_as_float(const scalar_t* src, int64_t n, float* scratch) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return src;
   } else {
-    at::vec::convert(src, scratch, n);
+    widen(src, scratch, n);
     return scratch;
   }
 }

@@ -51,7 +51,10 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
 
 @functools.cache
 def _tuned(kernel: str, ca_pad: int):
-    """The autotuned kernel for one CA_PAD bucket, over that bucket's shipped configs."""
+    """The autotuned kernel for one CA_PAD bucket, over that bucket's shipped configs.
+
+    Every kernel writes all of its outputs on every launch, so benchmarking configs on the
+    real arguments leaves nothing stale behind."""
     tile_configs = configs.configs_for(kernel, ca_pad)
     return triton.autotune(configs=[c.triton_config() for c in tile_configs], key=["C", "CA", "KT"])(
         _KERNELS[kernel])
@@ -152,17 +155,17 @@ def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: 
     dz_buf = torch.empty((batch, frames, patches, bottleneck), dtype=torch.float32, device=device)
     dy_buf = torch.empty_like(a_buf)
     scratch = _scratch(programs, "backward_bottleneck", kernel_t, params, dtype, device)
-    # Partials are zero-filled: fewer programs, or a larger BLOCK_P than the smallest shipped,
-    # leave rows unwritten.
-    conv_partial = torch.zeros((programs, kernel_t + 1, bottleneck), dtype=torch.float32, device=device)
+    # Per-program partials, sized for the most programs (smallest BLOCK_P) any config launches;
+    # the kernels zero the rows their launch leaves over.
+    conv_partial = torch.empty((programs, kernel_t + 1, bottleneck), dtype=torch.float32, device=device)
     input_tiles = _max_tiles(patches, "backward_input", bottleneck)
-    dy_partial = torch.zeros((batch, frames * input_tiles, bottleneck), dtype=torch.float32, device=device)
-    grad_partial = torch.zeros((batch * frames * input_tiles, channels), dtype=torch.float32, device=device)
+    dy_partial = torch.empty((batch, frames * input_tiles, bottleneck), dtype=torch.float32, device=device)
+    grad_partial = torch.empty((batch * frames * input_tiles, channels), dtype=torch.float32, device=device)
 
     _launch("backward_bottleneck", ca_pad)[lambda meta: (min(programs, batch * _tiles(patches, meta)),)](
         x, grad_out, w_down, b_down, w_conv, b_conv, w_up, cond,
         a_buf, dz_buf, conv_partial, scratch,
-        batch, frames, patches, channels, bottleneck, prefix, scratch.shape[1],
+        batch, frames, patches, channels, bottleneck, prefix, scratch.shape[1], programs,
         *x.stride()[:3], *grad_out.stride()[:3],
         float(options.scale),
         **constexprs,

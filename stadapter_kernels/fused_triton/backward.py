@@ -35,7 +35,7 @@ from .common import (activation_derivative, activation_forward, copy_prefix_tile
 def st_adapter_backward_bottleneck_kernel(
     x_ptr, grad_ptr, w_down_ptr, b_down_ptr, w_conv_ptr, b_conv_ptr, w_up_ptr, cond_ptr,
     a_buf_ptr, dz_buf_ptr, conv_partial_ptr, scratch_ptr,
-    B, T, P, C, CA, prefix, scratch_per_program,
+    B, T, P, C, CA, prefix, scratch_per_program, partial_rows,
     x_sb, x_st, x_sl, g_sb, g_st, g_sl,
     scale,
     KT: tl.constexpr, CA_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -51,9 +51,12 @@ def st_adapter_backward_bottleneck_kernel(
     ca_mask = ca < CA
     # This program's partial conv gradients, summed over all its work items: (KT + 1, Ca), the
     # taps then the bias, kept in the fp32 partial buffer itself (each program owns its row).
+    # Rows past the launched programs are zeroed too, so every launch writes the whole buffer
+    # whatever grid its config gives (autotuning runs several on the same buffer).
+    for row in range(pid, partial_rows, tl.num_programs(0)):
+        for j in tl.static_range(KT + 1):
+            tl.store(conv_partial_ptr + (row * (KT + 1) + j) * CA + ca, tl.zeros((CA_PAD,), tl.float32), mask=ca_mask)
     partial_ptr = conv_partial_ptr + pid.to(tl.int64) * (KT + 1) * CA
-    for j in tl.static_range(KT + 1):
-        tl.store(partial_ptr + j * CA + ca, tl.zeros((CA_PAD,), tl.float32), mask=ca_mask)
     for work in range(pid, B * tiles_per_video, tl.num_programs(0)):
         batch = work // tiles_per_video
         b = batch.to(tl.int64)
@@ -131,8 +134,17 @@ def st_adapter_backward_input_kernel(
         token = (prefix + p).to(tl.int64)
         buf_rows = (b * T * P + p) * CA
         half = KT // 2
-        # Partials are (B, T, partial_tiles, .): partial_tiles >= the tiles of this launch.
+        # Partials are (B, T, partial_tiles, .): partial_tiles >= the tiles of this launch, and
+        # the last tile zeroes the rows past it, so every launch writes the whole buffer.
         partial_row = (b * T + frame) * partial_tiles + patch_tile
+        if patch_tile == (P + BLOCK_P - 1) // BLOCK_P - 1:
+            for unused_row in range(partial_row + 1, (b * T + frame + 1) * partial_tiles):
+                for a0 in range(0, CA_PAD, BLOCK_A):
+                    cols = a0 + tl.arange(0, BLOCK_A)
+                    tl.store(dy_partial_ptr + unused_row * CA + cols, tl.zeros((BLOCK_A,), tl.float32), mask=cols < CA)
+                for c0 in range(0, C, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    tl.store(grad_partial_ptr + unused_row * C + c, tl.zeros((BLOCK_C,), tl.float32), mask=c < C)
 
         # dy[t] = sum_j w_conv[:, j] * dz[t - j + kt//2], BLOCK_A channels at a time, into dy_buf.
         for a0 in range(0, CA_PAD, BLOCK_A):

@@ -100,7 +100,7 @@ def st_adapter_backward_bottleneck_kernel(
                 tl.store(dz_buf_ptr + frame_buf, dz, mask=buf_mask)
                 # dL/dw_conv[:, j] gets dz[t] * y[t + j - kt//2]; the y tiles come back from the ring.
                 # Each program owns its partial row, so this read-modify-write races with no one.
-                for j in tl.static_range(KT):
+                for j in range(KT):
                     y = tl.load(ring_ptr + ring_offsets(frame + j - half, KT, BLOCK_P, CA_PAD, cols))
                     tap = tl.load(partial_ptr + j * CA + cols, mask=col_mask)
                     tl.store(partial_ptr + j * CA + cols, tap + tl.sum(dz * y.to(tl.float32), axis=0), mask=col_mask)
@@ -151,7 +151,7 @@ def st_adapter_backward_input_kernel(
             cols = a0 + tl.arange(0, BLOCK_A)
             col_mask = cols < CA
             dy = tl.zeros((BLOCK_P, BLOCK_A), tl.float32)
-            for tap in tl.static_range(KT):
+            for tap in range(KT):
                 source = frame - tap + half  # the frame whose z read y[t] through this tap
                 source_ok = (source >= 0) & (source < T)
                 dz = tl.load(dz_buf_ptr + (buf_rows + source * P * CA)[:, None] + cols[None, :],

@@ -130,7 +130,9 @@ def ring_offsets(frame, KT: tl.constexpr, BLOCK_P: tl.constexpr, CA_PAD: tl.cons
     The ring is (KT, BLOCK_P, CA_PAD), contiguous: frame f lives in slot f mod KT, so the KT
     frames t - kt//2 .. t + kt//2 that z[t] reads are all present once y[t + kt//2] is stored.
     """
-    slot = ((frame % KT) + KT) % KT  # frames before 0 (zero padding) have slots too
+    # int32: a 64-bit remainder compiles to a subroutine call with a stack frame. Frames before
+    # 0 (the zero padding) have slots too.
+    slot = ((frame.to(tl.int32) % KT) + KT) % KT
     rows = tl.arange(0, BLOCK_P)
     return (slot * BLOCK_P + rows)[:, None] * CA_PAD + cols[None, :]
 
@@ -141,7 +143,7 @@ def temporal_conv(ring_ptr, frame, w_conv_ptr, b_conv_ptr, cols, CA,
     """z[frame][:, cols] = sum_j w_conv[cols, j] * y[frame + j - kt//2][:, cols] (+ b_conv), fp32."""
     col_mask = cols < CA
     z = tl.zeros((BLOCK_P, cols.shape[0]), tl.float32)
-    for tap in tl.static_range(KT):
+    for tap in range(KT):  # not unrolled: one tap tile live at a time
         y = tl.load(ring_ptr + ring_offsets(frame + tap - KT // 2, KT, BLOCK_P, CA_PAD, cols))
         w = tl.load(w_conv_ptr + cols * KT + tap, mask=col_mask, other=0.0).to(tl.float32)
         z += w[None, :] * y.to(tl.float32)

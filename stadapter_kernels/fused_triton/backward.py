@@ -76,7 +76,7 @@ def st_adapter_backward_bottleneck_kernel(
                              cond_ptr, batch, C, CA, KT, HAS_B_DOWN, HAS_COND, BLOCK_P, CA_PAD, BLOCK_C,
                              BLOCK_A, DOT_PRECISION)
             tl.debug_barrier()  # the ring slot stored above is read by other threads
-            for a0 in range(0, CA_PAD, BLOCK_A):
+            for a0 in range(0, CA, BLOCK_A):
                 cols = a0 + tl.arange(0, BLOCK_A)
                 col_mask = cols < CA
                 da = tl.zeros((BLOCK_P, BLOCK_A), tl.float32)
@@ -139,7 +139,7 @@ def st_adapter_backward_input_kernel(
         partial_row = (b * T + frame) * partial_tiles + patch_tile
         if patch_tile == (P + BLOCK_P - 1) // BLOCK_P - 1:
             for unused_row in range(partial_row + 1, (b * T + frame + 1) * partial_tiles):
-                for a0 in range(0, CA_PAD, BLOCK_A):
+                for a0 in range(0, CA, BLOCK_A):
                     cols = a0 + tl.arange(0, BLOCK_A)
                     tl.store(dy_partial_ptr + unused_row * CA + cols, tl.zeros((BLOCK_A,), tl.float32), mask=cols < CA)
                 for c0 in range(0, C, BLOCK_C):
@@ -147,7 +147,7 @@ def st_adapter_backward_input_kernel(
                     tl.store(grad_partial_ptr + unused_row * C + c, tl.zeros((BLOCK_C,), tl.float32), mask=c < C)
 
         # dy[t] = sum_j w_conv[:, j] * dz[t - j + kt//2], BLOCK_A channels at a time, into dy_buf.
-        for a0 in range(0, CA_PAD, BLOCK_A):
+        for a0 in range(0, CA, BLOCK_A):
             cols = a0 + tl.arange(0, BLOCK_A)
             col_mask = cols < CA
             dy = tl.zeros((BLOCK_P, BLOCK_A), tl.float32)
@@ -171,7 +171,7 @@ def st_adapter_backward_input_kernel(
             mask = row_mask[:, None] & c_mask[None, :]
             g = tl.load(grad_ptr + g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
             dx = g
-            for a0 in range(0, CA_PAD, BLOCK_A):
+            for a0 in range(0, CA, BLOCK_A):
                 cols = a0 + tl.arange(0, BLOCK_A)
                 col_mask = cols < CA
                 dy_chunk = tl.load(dy_buf_ptr + (buf_rows + frame * P * CA)[:, None] + cols[None, :],

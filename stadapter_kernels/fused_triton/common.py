@@ -10,6 +10,8 @@ the window in chunks of BLOCK_A channels keeps every live tile small at any Ca.
 The bottleneck tile of one frame is (BLOCK_P, CA_PAD): CA_PAD is Ca rounded up to a power of
 two (tl.arange needs one); the padded columns load zero weights, so they stay exactly zero
 through the conv and every activation (act(0) = 0 for all of them) and contribute nothing.
+Loops over the bottleneck run over range(0, Ca, BLOCK_A), so a chunk wholly in the padding is
+never computed: Ca = 384 with BLOCK_A = 128 does no padded MMA work at all.
 
 Offsets into token tensors (x, out, grad_out, dx, the transient buffers) are int64, so tensors
 over 2^31 elements work; offsets into weights are int32 (Ca x C is far below 2^31), which
@@ -162,7 +164,7 @@ def store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, frame, T, x_st, w_down_p
 
     `x_rows` are the int64 offsets of the tile's rows in frame 0; `frame` is int64.
     """
-    for a0 in range(0, CA_PAD, BLOCK_A):
+    for a0 in range(0, CA, BLOCK_A):
         cols = a0 + tl.arange(0, BLOCK_A)
         y = down_projection(x_ptr, x_rows + frame * x_st, row_mask, frame, T, w_down_ptr, b_down_ptr, cond_ptr,
                             batch, cols, C, CA, HAS_B_DOWN, HAS_COND, BLOCK_C, DOT_PRECISION)

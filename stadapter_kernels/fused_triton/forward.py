@@ -59,7 +59,7 @@ def st_adapter_forward_kernel(
                                  cond_ptr, batch, C, CA, KT, HAS_B_DOWN, HAS_COND, BLOCK_P, CA_PAD, BLOCK_C,
                                  BLOCK_A, DOT_PRECISION)
                 tl.debug_barrier()  # the ring slot just written is read by other threads
-                for a0 in range(0, CA_PAD, BLOCK_A):
+                for a0 in range(0, CA, BLOCK_A):
                     cols = a0 + tl.arange(0, BLOCK_A)
                     z = temporal_conv(ring_ptr, frame, w_conv_ptr, b_conv_ptr, cols, CA, KT, HAS_B_CONV, BLOCK_P,
                                       CA_PAD)
@@ -71,7 +71,7 @@ def st_adapter_forward_kernel(
                     c = c0 + tl.arange(0, BLOCK_C)
                     c_mask = c < C
                     up = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-                    for a0 in range(0, CA_PAD, BLOCK_A):
+                    for a0 in range(0, CA, BLOCK_A):
                         cols = a0 + tl.arange(0, BLOCK_A)
                         a = tl.load(a_tile_ptr + rows[:, None] * CA_PAD + cols[None, :])
                         w_up = tl.load(w_up_ptr + c[None, :] * CA + cols[:, None],

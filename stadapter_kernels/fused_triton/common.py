@@ -11,7 +11,7 @@ The bottleneck tile of one frame is (BLOCK_P, CA_PAD): CA_PAD is Ca rounded up t
 two (tl.arange needs one); the padded columns load zero weights, so they stay exactly zero
 through the conv and every activation (act(0) = 0 for all of them) and contribute nothing.
 Loops over the bottleneck run over range(0, Ca, BLOCK_A), so a chunk wholly in the padding is
-never computed: Ca = 384 with BLOCK_A = 128 does no padded MMA work at all.
+never computed: Ca = 384 with BLOCK_A = 64 does no padded MMA work at all.
 
 Offsets into token tensors (x, out, grad_out, dx, the transient buffers) are int64, so tensors
 over 2^31 elements work; offsets into weights are int32 (Ca x C is far below 2^31), which

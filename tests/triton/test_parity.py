@@ -28,7 +28,8 @@ CASES = {
     "prefix5_lnc": BASE.with_(prefix=5, tokens=42, layout="lnc", dtype=torch.float16),
     "btlc_ca48_c72": BASE.with_(layout="btlc", bottleneck=48, channels=72, scale=-1.5),
     "prefix33_two_prefix_tiles": BASE.with_(prefix=33, tokens=50, batch=1),
-    # Ca = 136 pads to 256: two BLOCK_A = 128 chunks of the bottleneck, the last one partial.
+    # Ca = 136 pads to 256: three BLOCK_A = 64 chunks of the bottleneck, the last one partial, and
+    # a fourth wholly in the padding that is skipped.
     "ca136_chunked": BASE.with_(batch=1, frames=2, tokens=20, bottleneck=136, activation="quick_gelu",
                                 dtype=torch.float16),
 }

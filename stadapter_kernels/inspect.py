@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .activations import ACTIVATIONS
+
 DEFAULT_CHANNELS = (768, 1024)
 DEFAULT_BOTTLENECKS = (64, 128, 192, 256, 384)
 _DTYPE_NAMES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -173,7 +175,10 @@ def main(argv=None) -> int:
         description="Compile every shipped Triton config of the fused ST-Adapter kernels ahead of time "
                     "(no GPU needed) and print registers, spilled bytes (LOCAL and STACK), shared memory and "
                     "warps per kernel. Exits with status 1 if any config spills.",
-        epilog="Example: python -m stadapter_kernels.inspect --arch sm_80,sm_90 --json usage.json "
+        epilog="Columns: regs = registers per thread; local and stack = bytes of local memory per thread "
+               "(spills when above 0); smem = shared memory per program in bytes. C and Ca are runtime "
+               "arguments, so shapes whose Ca rounds up to the same power of two share one binary (and one "
+               "cubin). Example: python -m stadapter_kernels.inspect --arch sm_80,sm_90 --json usage.json "
                "--cubin-dir cubins/. Run without TRITON_INTERPRET=1.")
     parser.add_argument("--arch", default="sm_80,sm_90",
                         help="comma-separated CUDA architectures to compile for (default: %(default)s)")
@@ -183,8 +188,8 @@ def main(argv=None) -> int:
                         help="comma-separated bottleneck widths Ca (default: 64,128,192,256,384)")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32 (default: %(default)s)")
     parser.add_argument("--kt", type=int, default=3, choices=(1, 3, 5), help="temporal kernel size (default: 3)")
-    parser.add_argument("--activation", default="gelu",
-                        help="activation compiled in (default: gelu, the costliest in registers)")
+    parser.add_argument("--activation", default="gelu", choices=tuple(ACTIVATIONS),
+                        help="activation compiled in (default: gelu, among the costliest in registers)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON to FILE")
     parser.add_argument("--cubin-dir", type=Path, metavar="DIR",
                         help="write each compiled cubin to DIR, named by kernel, arch, dtype and config")

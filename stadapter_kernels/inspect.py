@@ -96,7 +96,8 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
-    """(kernel name, jit function, constexprs, warps, stages, config name, dtype, C, Ca) per compile."""
+    """(kernel name, jit function, constexprs, compile options, warps, stages, config name, dtype, C, Ca)
+    per compile."""
     from .fused_triton import _KERNELS, configs
     from .fused_triton.backward import token_outer_product_kernel
     from .fused_triton.common import ACTIVATION_IDS
@@ -114,12 +115,12 @@ def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
                                               HAS_B_CONV=True, HAS_COND=True)
                         if kernel == "forward":
                             constexprs["HAS_B_UP"] = True
-                        yield (kernel, _KERNELS[kernel], constexprs, config.num_warps, config.num_stages,
-                               config.name, dtype, c, ca)
+                        yield (kernel, _KERNELS[kernel], constexprs, {"maxnreg": config.maxnreg},
+                               config.num_warps, config.num_stages, config.name, dtype, c, ca)
                 config = configs.OUTER_PRODUCT[2 if dtype != "fp32" else 4]
                 constexprs = dict(DOT_PRECISION="ieee", BLOCK_N=config.block_n, BLOCK_C=config.block_c,
                                   BLOCK_A=config.block_a)
-                yield ("weight_gradient", token_outer_product_kernel, constexprs, config.num_warps,
+                yield ("weight_gradient", token_outer_product_kernel, constexprs, {}, config.num_warps,
                        config.num_stages, config.name, dtype, c, ca)
 
 
@@ -135,15 +136,15 @@ def inspect(archs, channels=DEFAULT_CHANNELS, bottlenecks=DEFAULT_BOTTLENECKS, d
     rows, compiled = [], {}
     for arch in archs:
         number = _arch_number(arch)
-        for kernel, fn, constexprs, warps, stages, config_name, dtype, c, ca in _jobs(
+        for kernel, fn, constexprs, options, warps, stages, config_name, dtype, c, ca in _jobs(
                 channels, bottlenecks, dtypes, kernel_t, activation):
             # C and Ca are runtime arguments: shapes that share CA_PAD share one binary.
-            key = (number, kernel, tuple(sorted(constexprs.items())), warps, stages, dtype)
+            key = (number, kernel, tuple(sorted(constexprs.items())), tuple(options.items()), warps, stages, dtype)
             if key not in compiled:
                 signature, attrs = _signature(fn, dtype, constexprs)
                 source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
                 binary = triton.compile(source, target=GPUTarget("cuda", number, 32),
-                                        options={"num_warps": warps, "num_stages": stages})
+                                        options={"num_warps": warps, "num_stages": stages, **options})
                 compiled[key] = (_resource_usage(binary.asm["cubin"]), binary.metadata.shared)
                 if cubin_dir is not None:
                     cubin_dir.mkdir(parents=True, exist_ok=True)

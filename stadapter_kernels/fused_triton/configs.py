@@ -24,6 +24,9 @@ class TileConfig:
     block_c: int  # channels per step of the C loops
     num_warps: int
     num_stages: int
+    # An explicit register budget (ptxas .maxnreg). Without one ptxas sometimes stops at 64-80
+    # registers and spills a long-lived value to the stack; with it, it uses the registers.
+    maxnreg: int = 255
 
     @property
     def name(self) -> str:
@@ -31,7 +34,7 @@ class TileConfig:
 
     def triton_config(self) -> triton.Config:
         return triton.Config({"BLOCK_P": self.block_p, "BLOCK_C": self.block_c},
-                             num_warps=self.num_warps, num_stages=self.num_stages)
+                             num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
 
 
 @dataclass(frozen=True)

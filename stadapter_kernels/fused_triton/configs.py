@@ -2,8 +2,8 @@
 
 Tile sizes are chosen per kernel and per CA_PAD (Ca rounded up to a power of two): register
 use grows with BLOCK_P and the BLOCK_A chunk of the bottleneck, and what fits moves with the
-architecture. Every config listed here was compiled ahead of time for sm_80 and sm_90 and shows no spill (LOCAL
-and STACK both 0) with kt = 1, 3 and 5 and the costliest activation (gelu);
+architecture. Every config listed here was compiled ahead of time for sm_80 and sm_90 and
+shows no spill (LOCAL and STACK both 0) with kt = 1, 3 and 5 and the gelu activation;
 `tests/triton/test_resources.py` keeps it that way for sm_90 and kt = 3, and
 `python -m stadapter_kernels.inspect` prints the table.
 """

@@ -21,11 +21,14 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .activations import ACTIVATIONS
 
 DEFAULT_CHANNELS = (768, 1024)
 DEFAULT_BOTTLENECKS = (64, 128, 192, 256, 384)
 _DTYPE_NAMES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Pointer arguments that are fp32 work buffers whatever the input dtype.
 _FP32_POINTERS = {"dz_buf_ptr", "conv_partial_ptr", "dy_partial_ptr", "grad_partial_ptr", "partial_ptr"}
 #: Integer arguments that are multiples of 16 for every shipped shape (C, Ca, strides), which
@@ -103,11 +106,12 @@ def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
     from .fused_triton.common import ACTIVATION_IDS
 
     for dtype in dtypes:
+        precision = configs.dot_precision(_TORCH_DTYPES[dtype])
         for c in channels:
             for ca in bottlenecks:
                 for kernel in configs.TUNED_KERNELS:
                     for config in configs.SHIPPED[(kernel, configs.ca_pad(ca))]:
-                        constexprs = dict(KT=kernel_t, CA_PAD=configs.ca_pad(ca), DOT_PRECISION="ieee",
+                        constexprs = dict(KT=kernel_t, CA_PAD=configs.ca_pad(ca), DOT_PRECISION=precision,
                                           BLOCK_P=config.block_p, BLOCK_C=config.block_c,
                                           BLOCK_A=configs.block_a(ca))
                         if kernel != "backward_input":
@@ -118,7 +122,7 @@ def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
                         yield (kernel, _KERNELS[kernel], constexprs, {"maxnreg": config.maxnreg},
                                config.num_warps, config.num_stages, config.name, dtype, c, ca)
                 config = configs.OUTER_PRODUCT[2 if dtype != "fp32" else 4]
-                constexprs = dict(DOT_PRECISION="ieee", BLOCK_N=config.block_n, BLOCK_C=config.block_c,
+                constexprs = dict(DOT_PRECISION=precision, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
                                   BLOCK_A=config.block_a)
                 yield ("weight_gradient", token_outer_product_kernel, constexprs, {}, config.num_warps,
                        config.num_stages, config.name, dtype, c, ca)

@@ -17,7 +17,7 @@ from ..spec import AdapterOptions, AdapterSpec, AdapterTensors
 from . import configs
 from .backward import (st_adapter_backward_bottleneck_kernel, st_adapter_backward_input_kernel,
                        token_outer_product_kernel)
-from .common import ACTIVATION_IDS, MAX_KERNEL_T, UPCAST_PRECISION
+from .common import ACTIVATION_IDS, MAX_KERNEL_T
 from .forward import st_adapter_forward_kernel
 
 __all__ = ["backward", "forward", "unavailable_reason"]
@@ -70,14 +70,9 @@ def _constexprs(params: AdapterTensors, options: AdapterOptions) -> dict:
         ACTIVATION=ACTIVATION_IDS[options.activation],
         HAS_B_DOWN=params.fc1_bias is not None, HAS_B_CONV=params.conv_bias is not None,
         HAS_COND=params.cond is not None,
-        DOT_PRECISION=_dot_precision(params.fc1_weight.dtype),
+        DOT_PRECISION=configs.dot_precision(params.fc1_weight.dtype),
         BLOCK_A=configs.block_a(params.fc1_weight.shape[0]),
     )
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products (the 16-bit dtypes ignore "ieee"); see UPCAST_PRECISION."""
-    return UPCAST_PRECISION if dtype == torch.bfloat16 and configs.interpreting() else "ieee"
 
 
 def _weights(params: AdapterTensors):
@@ -208,7 +203,7 @@ def _token_outer_product(tokens: torch.Tensor, buf: torch.Tensor, prefix: int) -
         tokens, buf, partial,
         frames, patches, channels, bottleneck, prefix, count, tokens_per_split,
         *tokens.stride()[:3],
-        DOT_PRECISION=_dot_precision(tokens.dtype),
+        DOT_PRECISION=configs.dot_precision(tokens.dtype),
         BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_A=config.block_a,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

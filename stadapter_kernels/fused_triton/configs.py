@@ -3,7 +3,8 @@
 Tile sizes are chosen per kernel and per CA_PAD (Ca rounded up to a power of two): register
 use grows with BLOCK_P and the BLOCK_A chunk of the bottleneck, and what fits moves with the
 architecture. Every config listed here was compiled ahead of time for sm_80 and sm_90 and
-shows no spill (LOCAL and STACK both 0) with kt = 1, 3 and 5 and the gelu activation;
+shows no spill (LOCAL and STACK both 0) with the gelu activation, for bf16 and fp16 at kt = 3,
+bf16 at kt = 1 and 5, and fp32 (as tf32) at kt = 3;
 `tests/triton/test_resources.py` keeps it that way for sm_90 and kt = 3, and
 `python -m stadapter_kernels.inspect` prints the table.
 """
@@ -13,7 +14,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import triton
+
+from .common import UPCAST_PRECISION
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,18 @@ MAX_BOTTLENECK = max(ca_pad for _, ca_pad in SHIPPED)
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for this input dtype (the 16-bit dtypes ignore it).
+
+    fp32 runs as tf32 on the GPU, which DESIGN.md allows (<= 5e-4): exact fp32 ("ieee") dots
+    run on FMA units and spill every shipped config. The interpreter computes exactly either
+    way, and needs UPCAST_PRECISION for bf16.
+    """
+    if interpreting():
+        return UPCAST_PRECISION if dtype == torch.bfloat16 else "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"
 
 
 def ca_pad(bottleneck: int) -> int:

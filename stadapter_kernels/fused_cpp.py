@@ -10,18 +10,27 @@ imports, and `unavailable_reason` says why the backend cannot serve, which `expl
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from .spec import AdapterOptions, AdapterSpec, AdapterTensors
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.stadapter_cpp)
-    _BUILD_ERROR: str | None = None
-except ImportError as error:
-    _BUILD_ERROR = (
-        f"the C++ extension stadapter_kernels._C is not built ({error}); reinstall without "
-        "STADAPTER_SKIP_CPP_BUILD=1 to compile csrc/"
-    )
+
+def _load_extension() -> str | None:
+    """Load stadapter_kernels._C; return why it cannot serve, or None."""
+    if platform.machine() in ("x86_64", "AMD64") and not torch.cpu._is_avx2_supported():
+        # setup.py compiles csrc/ with -mavx2 -mfma: running it here would be an illegal instruction.
+        return "this CPU lacks AVX2, which the C++ extension is compiled for"
+    try:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.stadapter_cpp)
+    except ImportError as error:
+        return (f"the C++ extension stadapter_kernels._C is not built ({error}); reinstall without "
+                "STADAPTER_SKIP_CPP_BUILD=1 to compile csrc/")
+    return None
+
+
+_BUILD_ERROR = _load_extension()
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Patch rows per tile; 0 lets the kernel pick from the shape. Tests set it small to exercise

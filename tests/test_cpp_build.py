@@ -95,3 +95,11 @@ def test_bad_input_through_cpp_gets_the_reference_error(name):
         return type(info.value), str(info.value)
 
     assert error_of("cpp") == error_of("reference")
+
+
+@pytest.mark.skipif(os.environ.get("STADAPTER_SKIP_CPP_BUILD") == "1", reason="installed without the extension on purpose")
+def test_the_extension_is_built_unless_the_build_was_skipped():
+    """Otherwise a failed build would only turn the C++ parity tests into skips."""
+    from stadapter_kernels import fused_cpp
+
+    assert fused_cpp._BUILD_ERROR is None

@@ -12,8 +12,9 @@ rounds are compared:
     floor fwd+bwd  torch.mm on the 6 GEMM shapes of forward + backward
     fp32 floor     (bf16/fp16 only) the same GEMMs in float32, the precision the kernels compute in
     cpp            st_adapter(backend="cpp"): forward, and forward + autograd backward
-    official       fc1, permute to channels-first .contiguous(), depthwise Conv3d (3,1,1),
-                   permute back .contiguous(), fc2, in-place residual (the official module)
+    official       benchmarks.providers.OfficialAdapter: fc1, permute to channels-first
+                   .contiguous(), depthwise Conv3d (3,1,1) over (T, 14, 14), permute back
+                   .contiguous(), fc2, in-place residual (the official module)
 
 `--tile-sweep` also times the raw stadapter_cpp ops at the given patch rows per tile.
 """
@@ -21,13 +22,15 @@ rounds are compared:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from torch.func import functional_call
 
 import stadapter_kernels as sk
+from benchmarks.providers import OfficialAdapter
 
 BATCH, FRAMES, TOKENS, PREFIX, CHANNELS, KERNEL_T = 2, 8, 197, 1, 768, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,15 +51,14 @@ def make_inputs(dtype, bottleneck, seed=0):
 
 
 def official_flow(x, p, frames):
-    """The official ST-Adapter module's data flow, on (B*T, L, C) tokens with one class token."""
-    batch_frames, tokens, channels = x.shape
-    batch, patches, bottleneck = batch_frames // frames, tokens - PREFIX, p["fc1_weight"].shape[0]
-    y = F.linear(x[:, PREFIX:], p["fc1_weight"], p["fc1_bias"])
-    y = y.view(batch, frames, patches, 1, bottleneck).permute(0, 4, 1, 2, 3).contiguous()
-    z = F.conv3d(y, p["conv_weight"], p["conv_bias"], padding=(KERNEL_T // 2, 0, 0), groups=bottleneck)
-    z = z.permute(0, 2, 3, 4, 1).contiguous().view(batch_frames, patches, bottleneck)
-    x[:, PREFIX:] += F.linear(z, p["fc2_weight"], p["fc2_bias"])
-    return x
+    """The official ST-Adapter module (the benchmark suite's re-implementation), with these weights."""
+    weights = {name.replace("_", ".", 1): value for name, value in p.items()}  # fc1_weight -> fc1.weight
+    return functional_call(official_module(p["fc1_weight"].shape[0]), weights, (x, frames))
+
+
+@functools.lru_cache
+def official_module(bottleneck):
+    return OfficialAdapter(CHANNELS, bottleneck, KERNEL_T)
 
 
 def cpp_flow(x, p, frames):

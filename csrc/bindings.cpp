@@ -20,11 +20,11 @@ TORCH_LIBRARY(stadapter_cpp, m) {
   m.def(
       "st_adapter_forward(Tensor(a!) out, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, str activation, "
-      "float scale, int tile_patches=0) -> ()");
+      "float scale, int tile_patches=0, bool native_gemm=False) -> ()");
   m.def(
       "st_adapter_backward(Tensor(a!) dx, Tensor grad_out, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
       "Tensor conv_weight, Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, "
-      "str activation, float scale, int tile_patches=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str activation, float scale, int tile_patches=0, bool native_gemm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(stadapter_cpp, CPU, m) {

@@ -8,14 +8,21 @@
 // depthwise temporal conv + activation (at::vec) and the up-projection with the residual add
 // fused into its epilogue all run on cache-resident blocks.
 //
-// All arithmetic is float32: bfloat16/float16 rows are widened into a tile buffer before their
-// GEMM and rounded once when written. Besides accuracy, this is what makes the half-precision
-// path fast on CPUs without native bf16 matrix instructions, where ATen's bf16 GEMM is a slow
-// fallback while its float32 GEMM is MKL's.
+// Element-wise arithmetic (bias, conv, activation, residual, gradient partials) is float32.
+// The GEMMs of bfloat16/float16 inputs run one of two ways, chosen per call (`native_gemm`):
+//  - widened: rows are widened into float32 tile buffers and multiplied by MKL's float32 GEMM.
+//    Fastest on CPUs without native half-precision matrix instructions (AVX2), where ATen's
+//    bf16/fp16 GEMM is a slow fallback.
+//  - native: the GEMMs take the 16-bit operands as they are (oneDNN, avx512_bf16 / AMX / fp16
+//    instructions) and return 16-bit results, which are widened for the element-wise work. Each
+//    GEMM output is rounded once, as nn.Linear in that dtype rounds it. Weight gradients use
+//    one GEMM per tile over all its frames (K = T x rows) into a 16-bit block that is added to
+//    the float32 partials, so per-frame partial sums are never rounded.
 //
 // Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
-// MKL pinned to one thread, see SequentialBlas), and weight-gradient partials are accumulated per reduction group (a fixed
-// run of tiles) and summed in group order, so results are bit-identical for any thread count.
+// MKL and OpenMP pinned to one thread, see SequentialBlas), and weight-gradient partials are
+// accumulated per reduction group (a fixed run of tiles) and summed in group order, so results
+// are bit-identical for any thread count.
 #include "st_adapter_cpu.h"
 
 #include <ATen/ATen.h>
@@ -25,6 +32,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/irange.h>
+
+#include <omp.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -131,6 +140,7 @@ struct Shape {
   int64_t tile;             // patch rows per tile
   int64_t tiles_per_video;  // ceil(patches / tile)
   int64_t tiles;            // batch * tiles_per_video
+  bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
 
   int64_t video_of(int64_t tile_index) const { return tile_index / tiles_per_video; }
   int64_t first_patch(int64_t tile_index) const { return (tile_index % tiles_per_video) * tile; }
@@ -140,8 +150,9 @@ struct Shape {
 };
 
 Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bottleneck, int64_t prefix,
-                 int64_t tile_patches) {
+                 int64_t tile_patches, bool native_gemm) {
   Shape s{};
+  s.native_gemm = native_gemm && x.scalar_type() != at::kFloat;
   s.batch = x.size(0);
   s.frames = x.size(1);
   s.tokens = x.size(2);
@@ -185,6 +196,8 @@ struct Params {
   at::Tensor conv_bias;   // (Ca,)
   at::Tensor fc2_weight;  // (C, Ca)
   at::Tensor fc2_bias;    // (C,)
+  // The GEMMs' weights: fc1_weight and fc2_weight, or with native_gemm the same in x's dtype.
+  at::Tensor gemm_fc1_weight, gemm_fc2_weight;
 };
 
 Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
@@ -202,35 +215,51 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
   p.taps = as_f32(conv_weight.reshape({s.bottleneck, s.kernel_t}).t());
   p.conv_bias = conv_bias ? as_f32(*conv_bias) : at::zeros({s.bottleneck}, f32);
   p.fc2_bias = fc2_bias ? as_f32(*fc2_bias) : at::zeros({s.channels}, f32);
+  p.gemm_fc1_weight = s.native_gemm ? fc1_weight.contiguous() : p.fc1_weight;
+  p.gemm_fc2_weight = s.native_gemm ? fc2_weight.contiguous() : p.fc2_weight;
   return p;
 }
 
-// Makes the calling thread's BLAS GEMMs single-threaded while alive. Inside at::parallel_for's
-// parallel region MKL already runs sequentially, but when the work is a single task,
-// at::parallel_for runs it inline on the caller, where MKL would split the GEMMs over the
-// threads torch.set_num_threads allows, and a different split can change the last bits.
+// Makes the calling thread's GEMMs single-threaded while alive: MKL's (float32) and oneDNN's
+// (native 16-bit, which parallelises with OpenMP). Inside at::parallel_for's parallel region
+// they already run sequentially, but when the work is a single task, at::parallel_for runs it
+// inline on the caller, where they would split the GEMMs over the threads
+// torch.set_num_threads allows, and a different split can change the last bits.
 class SequentialBlas {
  public:
+  SequentialBlas() : previous_omp_(omp_get_max_threads()) {
+    omp_set_num_threads(1);
 #if AT_MKL_ENABLED()
-  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local(1)) {}
-  ~SequentialBlas() { MKL_Set_Num_Threads_Local(previous_); }
+    previous_mkl_ = MKL_Set_Num_Threads_Local(1);
+#endif
+  }
+  ~SequentialBlas() {
+#if AT_MKL_ENABLED()
+    MKL_Set_Num_Threads_Local(previous_mkl_);
+#endif
+    omp_set_num_threads(previous_omp_);
+  }
 
  private:
-  int previous_;
-#endif
+  int previous_omp_;
+  int previous_mkl_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
 // Blocks: GEMMs through ATen, widening/narrowing rows, vectorised row loops
 // ---------------------------------------------------------------------------------------------
 
-// A float32 row-major block as a tensor (no copy).
-at::Tensor block(const float* data, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+// A row-major block as a tensor (no copy).
+template <typename T>
+at::Tensor block(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// c = alpha * a @ b + beta * c, c row-major with leading dimension ldc; beta = 0 ignores c's contents.
-void gemm(float* c, int64_t ldc, const at::Tensor& a, const at::Tensor& b, float alpha, float beta) {
+// c = alpha * a @ b + beta * c, c row-major with leading dimension ldc and a's dtype; beta = 0
+// ignores c's contents.
+template <typename T>
+void gemm(T* c, int64_t ldc, const at::Tensor& a, const at::Tensor& b, float alpha, float beta) {
   at::Tensor out = block(c, a.size(0), b.size(1), ldc);
   at::addmm_out(out, out, a, b, beta, alpha);
 }
@@ -239,14 +268,18 @@ void gemm(float* c, int64_t ldc, const at::Tensor& a, const at::Tensor& b, float
 // direction (only float32 -> half is vectorised), and widening x and grad_out is on the hot path.
 template <typename scalar_t>
 void widen(const scalar_t* src, float* dst, int64_t n) {
-  using HalfVec = at::vec::Vectorized<scalar_t>;  // 2 x kVec elements
-  int64_t i = 0;
-  for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
-    const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(src + i));
-    low.store(dst + i);
-    high.store(dst + i + kVec);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy_n(src, n, dst);
+  } else {
+    using HalfVec = at::vec::Vectorized<scalar_t>;  // 2 x kVec elements
+    int64_t i = 0;
+    for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+      const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(src + i));
+      low.store(dst + i);
+      high.store(dst + i + kVec);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // The rows as float32: the source itself for float32, else widened into `buffer` (ld = cols).
@@ -295,10 +328,12 @@ void copy_rows(scalar_t* dst, int64_t dst_ld, const scalar_t* src, int64_t src_l
   for (const auto r : c10::irange(rows)) std::copy_n(src + r * src_ld, cols, dst + r * dst_ld);
 }
 
-// acc[c] += alpha * sum_r m[r, c], rows summed in order.
-void add_column_sums(float* acc, const float* m, int64_t ld, int64_t rows, int64_t cols, float alpha) {
+// acc[c] += alpha * sum_r m[r, c], rows summed in order; 16-bit rows are widened through `scratch`
+// (cols floats).
+template <typename T>
+void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t cols, float alpha, float* scratch) {
   for (const auto r : c10::irange(rows)) {
-    const float* row = m + r * ld;
+    const float* row = residual_as_float(m + r * ld, cols, scratch);
     int64_t c = 0;
     for (; c + kVec <= cols; c += kVec) {
       at::vec::fmadd(Vec(alpha), Vec::loadu(row + c), Vec::loadu(acc + c)).store(acc + c);
@@ -341,29 +376,96 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
   }
 }
 
-// Per-thread scratch of one tile: the kt-frame rings and per-frame blocks, all float32.
+// Per-thread scratch of one tile: the kt-frame rings and per-frame blocks in float32, and with
+// native_gemm the 16-bit GEMM operands and results.
+template <typename scalar_t>
 struct Scratch {
   std::vector<float> ring_y, ring_dz, a, derivative, bottleneck_grad, wide_x, wide_g, wide_out, row;
-  Scratch(const Shape& s, bool backward)
-      : ring_y(s.kernel_t * s.tile * s.bottleneck),
-        ring_dz(backward ? s.kernel_t * s.tile * s.bottleneck : 0),
-        a(s.tile * s.bottleneck),
-        derivative(backward ? s.tile * s.bottleneck : 0),
-        bottleneck_grad(backward ? s.tile * s.bottleneck : 0),
-        wide_x(s.tile * s.channels),
-        wide_g(backward ? s.tile * s.channels : 0),
-        wide_out(s.tile * s.channels),
-        row(s.channels) {}
+  // native_gemm only: a GEMM's 16-bit result, the 16-bit bottleneck operand of the forward's
+  // up-projection, and the backward's per-tile weight-gradient operands over all T frames
+  // (rows ordered by frame, then patch) and their 16-bit product.
+  std::vector<scalar_t> narrow_out, narrow_a, frames_g, frames_a, frames_x, frames_dy, weight_grad;
+
+  Scratch(const Shape& s, bool backward) {
+    const int64_t tile_ca = s.tile * s.bottleneck, tile_c = s.tile * s.channels;
+    const bool widened = !s.native_gemm, native_backward = s.native_gemm && backward;
+    ring_y.resize(s.kernel_t * tile_ca);
+    a.resize(tile_ca);
+    wide_out.resize(tile_c);
+    row.resize(s.channels);
+    if (widened) wide_x.resize(tile_c);
+    if (backward) {
+      ring_dz.resize(s.kernel_t * tile_ca);
+      derivative.resize(tile_ca);
+      bottleneck_grad.resize(tile_ca);
+      if (widened) wide_g.resize(tile_c);
+    }
+    if (s.native_gemm) {
+      narrow_out.resize(s.tile * std::max(s.channels, s.bottleneck));
+      narrow_a.resize(tile_ca);
+    }
+    if (native_backward) {
+      frames_g.resize(s.frames * tile_c);
+      frames_x.resize(s.frames * tile_c);
+      frames_a.resize(s.frames * tile_ca);
+      frames_dy.resize(s.frames * tile_ca);
+      weight_grad.resize(s.channels * s.bottleneck);
+    }
+  }
 };
+
+// Token rows of x or grad_out as a GEMM operand: as they are with native_gemm, else widened to
+// float32 (into `buffer`, unless they already are float32).
+template <typename scalar_t>
+at::Tensor rows_operand(const Shape& s, const scalar_t* src, int64_t ld, int64_t rows, float* buffer) {
+  if (s.native_gemm) return block(src, rows, s.channels, ld);
+  int64_t ld_out = 0;
+  const float* wide = widen_rows(src, ld, rows, s.channels, buffer, &ld_out);
+  return block(wide, rows, s.channels, ld_out);
+}
+
+// A float32 (rows x Ca) bottleneck block as a GEMM operand: itself, or with native_gemm rounded
+// into `narrow`.
+template <typename scalar_t>
+at::Tensor bottleneck_operand(const Shape& s, const float* src, int64_t rows, scalar_t* narrow) {
+  if (!s.native_gemm) return block(src, rows, s.bottleneck, s.bottleneck);
+  at::vec::convert(src, narrow, rows * s.bottleneck);
+  return block(narrow, rows, s.bottleneck, s.bottleneck);
+}
+
+// dst (float32, row-major, leading dimension n = b's columns) = alpha * a @ b, whatever the
+// operands' dtype: a 16-bit product goes through w.narrow_out and is widened.
+template <typename scalar_t>
+void gemm_to_float(float* dst, const at::Tensor& a, const at::Tensor& b, float alpha, Scratch<scalar_t>& w) {
+  const int64_t n = b.size(1);
+  if (a.scalar_type() == at::kFloat) return gemm(dst, n, a, b, alpha, 0.0f);
+  gemm(w.narrow_out.data(), n, a, b, alpha, 0.0f);
+  widen(w.narrow_out.data(), dst, a.size(0) * n);
+}
+
+// acc (float32) = or += the 16-bit block src, n elements.
+template <typename scalar_t>
+void accumulate_widened(float* acc, const scalar_t* src, int64_t n, bool assign) {
+  if (assign) return widen(src, acc, n);
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+  using HalfVec = at::vec::Vectorized<scalar_t>;
+  for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+    const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(src + i));
+    (Vec::loadu(acc + i) + low).store(acc + i);
+    (Vec::loadu(acc + i + kVec) + high).store(acc + i + kVec);
+  }
+  }
+  for (; i < n; ++i) acc[i] += static_cast<float>(src[i]);
+}
 
 // y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into its ring slot.
 template <typename scalar_t>
 void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f,
-                     int64_t l0, int64_t rows, Scratch& w) {
-  int64_t ld = 0;
-  const float* xf = widen_rows(x.row(b, f, l0), x.stride_l, rows, s.channels, w.wide_x.data(), &ld);
+                     int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
   float* y = w.ring_y.data() + s.slot(f) * s.tile * s.bottleneck;
-  gemm(y, s.bottleneck, block(xf, rows, s.channels, ld), p.fc1_weight.t(), 1.0f, 0.0f);
+  gemm_to_float(y, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x.data()), p.gemm_fc1_weight.t(),
+                1.0f, w);
   add_row_bias(y, p.row_bias.data_ptr<float>() + b * s.bottleneck, rows, s.bottleneck);
 }
 
@@ -373,16 +475,17 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
 
 template <typename scalar_t, Activation A>
 void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<scalar_t>& out,
-                  float scale, int64_t tile_index, Scratch& w) {
+                  float scale, int64_t tile_index, Scratch<scalar_t>& w) {
   const int64_t b = s.video_of(tile_index), p0 = s.first_patch(tile_index), rows = s.rows_of(tile_index);
-  const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels;
+  const int64_t l0 = s.prefix + p0, c_dim = s.channels;
   // Step `step` projects frame `step` down and finishes frame `step - half`, whose window is complete.
   for (int64_t step = 0; step < s.frames + s.half; ++step) {
     if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
     const int64_t t = step - s.half;
     if (t < 0) continue;
     conv_activation<A>(s, p, w.ring_y.data(), t, rows, w.a.data(), nullptr);
-    gemm(w.wide_out.data(), c_dim, block(w.a.data(), rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+    gemm_to_float(w.wide_out.data(), bottleneck_operand(s, w.a.data(), rows, w.narrow_a.data()),
+                  p.gemm_fc2_weight.t(), 1.0f, w);
     for (const auto r : c10::irange(rows)) {
       residual_row(out.row(b, t, l0 + r), x.row(b, t, l0 + r), w.wide_out.data() + r * c_dim,
                    p.fc2_bias.data_ptr<float>(), scale, c_dim, w.row.data());
@@ -407,7 +510,7 @@ struct GradPartials {
 template <typename scalar_t, Activation A>
 void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<const scalar_t>& g,
                    const Rows<scalar_t>& dx, float scale, int64_t tile_index, int64_t group, bool first_in_group,
-                   GradPartials& partials, Scratch& w) {
+                   GradPartials& partials, Scratch<scalar_t>& w) {
   const int64_t b = s.video_of(tile_index), p0 = s.first_patch(tile_index), rows = s.rows_of(tile_index);
   const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels, slot_size = s.tile * ca;
   float* d_fc1_weight = partials.fc1_weight[group].data_ptr<float>();
@@ -427,14 +530,18 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
     const int64_t t = step - s.half;
     if (t >= 0 && t < s.frames) {
       conv_activation<A>(s, p, w.ring_y.data(), t, rows, w.a.data(), w.derivative.data());
-      int64_t ldg = 0;
-      const float* gf = widen_rows(g.row(b, t, l0), g.stride_l, rows, c_dim, w.wide_g.data(), &ldg);
-      const at::Tensor g_block = block(gf, rows, c_dim, ldg);
+      const scalar_t* g_rows = g.row(b, t, l0);
+      const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g.data());
       // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
-      gemm(w.bottleneck_grad.data(), ca, g_block, p.fc2_weight, scale, 0.0f);
-      gemm(d_fc2_weight, ca, g_block.t(), block(w.a.data(), rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
-      first_fc2 = false;
-      add_column_sums(d_fc2_bias, gf, ldg, rows, c_dim, scale);
+      gemm_to_float(w.bottleneck_grad.data(), g_block, p.gemm_fc2_weight, scale, w);
+      if (s.native_gemm) {  // d fc2_weight waits for the tile's last frame
+        copy_rows(w.frames_g.data() + t * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
+        at::vec::convert(w.a.data(), w.frames_a.data() + t * rows * ca, rows * ca);
+      } else {
+        gemm(d_fc2_weight, ca, g_block.t(), block(w.a.data(), rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
+        first_fc2 = false;
+      }
+      add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.row.data());
       // dz = da * act'(z), kept in the ring for the conv-input gradient; conv weight/bias grads.
       float* dz = w.ring_dz.data() + s.slot(t) * slot_size;
       for (int64_t i = 0; i < rows * ca; i += kVec) {
@@ -474,20 +581,37 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
           acc.store(dy + r * ca + c, n);
         }
       }
-      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f);
-      int64_t ldx = 0;
-      const float* xf = widen_rows(x.row(b, u, l0), x.stride_l, rows, c_dim, w.wide_x.data(), &ldx);
-      const at::Tensor dy_block = block(dy, rows, ca, ca);
-      gemm(d_fc1_weight, c_dim, dy_block.t(), block(xf, rows, c_dim, ldx), 1.0f, first_fc1 ? 0.0f : 1.0f);
-      first_fc1 = false;
+      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f, w.row.data());
+      const scalar_t* x_rows = x.row(b, u, l0);
+      const at::Tensor dy_block =
+          bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy.data() + u * rows * ca : nullptr);
+      if (s.native_gemm) {  // d fc1_weight waits for the tile's last frame
+        copy_rows(w.frames_x.data() + u * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
+      } else {
+        const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x.data());
+        gemm(d_fc1_weight, c_dim, dy_block.t(), x_block, 1.0f, first_fc1 ? 0.0f : 1.0f);
+        first_fc1 = false;
+      }
       // dx = g + dy @ fc1_weight, the residual fused into the epilogue.
-      gemm(w.wide_out.data(), c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
+      gemm_to_float(w.wide_out.data(), dy_block, p.gemm_fc1_weight, 1.0f, w);
       for (const auto r : c10::irange(rows)) {
         residual_row(dx.row(b, u, l0 + r), g.row(b, u, l0 + r), w.wide_out.data() + r * c_dim,
                      static_cast<const float*>(nullptr), 1.0f, c_dim, w.row.data());
       }
       if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
     }
+  }
+
+  if (s.native_gemm) {
+    // The weight gradients over all frames of the tile at once (K = T x rows): one 16-bit
+    // rounding per tile, added to the group's float32 partials.
+    const int64_t k = s.frames * rows;
+    scalar_t* product = w.weight_grad.data();
+    gemm(product, ca, block(w.frames_g.data(), k, c_dim, c_dim).t(), block(w.frames_a.data(), k, ca, ca), scale, 0.0f);
+    accumulate_widened(d_fc2_weight, product, c_dim * ca, first_in_group);
+    gemm(product, c_dim, block(w.frames_dy.data(), k, ca, ca).t(), block(w.frames_x.data(), k, c_dim, c_dim), 1.0f,
+         0.0f);
+    accumulate_widened(d_fc1_weight, product, ca * c_dim, first_in_group);
   }
 }
 
@@ -529,9 +653,10 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
                             const std::optional<at::Tensor>& fc1_bias, const at::Tensor& conv_weight,
                             const std::optional<at::Tensor>& conv_bias, const at::Tensor& fc2_weight,
                             const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& cond,
-                            int64_t prefix, const std::string& activation, double scale, int64_t tile_patches) {
+                            int64_t prefix, const std::string& activation, double scale, int64_t tile_patches,
+                            bool native_gemm) {
   check_inputs(x, out);
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm);
   const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
   const Activation act = parse_activation(activation);
   dispatch_dtype(x.scalar_type(), [&](auto zero) {
@@ -542,7 +667,7 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
       at::parallel_for(0, s.tiles, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
-        Scratch w(s, /*backward=*/false);
+        Scratch<scalar_t> w(s, /*backward=*/false);
         for (int64_t i = begin; i < end; ++i) {
           forward_tile<scalar_t, decltype(a)::value>(s, p, x_rows, out_rows, static_cast<float>(scale), i, w);
         }
@@ -557,10 +682,10 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
                         const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                         const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                         const std::optional<at::Tensor>& cond, int64_t prefix, const std::string& activation,
-                        double scale, int64_t tile_patches) {
+                        double scale, int64_t tile_patches, bool native_gemm) {
   check_inputs(x, dx);
   check_inputs(x, grad_out);
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm);
   const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
   const Activation act = parse_activation(activation);
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
@@ -578,7 +703,7 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
-        Scratch w(s, /*backward=*/true);
+        Scratch<scalar_t> w(s, /*backward=*/true);
         for (int64_t group = begin; group < end; ++group) {
           const int64_t first = group * s.tiles / groups, last = (group + 1) * s.tiles / groups;
           for (int64_t i = first; i < last; ++i) {

@@ -14,14 +14,16 @@
 namespace stadapter {
 
 // Writes the adapter output into `out` (B, T, L, C). `tile_patches` = 0 picks the tiling from
-// the shape; a positive value forces it (benchmarks sweep it).
+// the shape; a positive value forces it (benchmarks sweep it). `native_gemm` runs the GEMMs of
+// bfloat16/float16 inputs in that dtype instead of widening them to float32 (see the .cpp).
 void st_adapter_forward_cpu(
     at::Tensor& out, const at::Tensor& x,
     const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
     const std::optional<at::Tensor>& cond,
-    int64_t prefix, const std::string& activation, double scale, int64_t tile_patches);
+    int64_t prefix, const std::string& activation, double scale, int64_t tile_patches,
+    bool native_gemm);
 
 // Writes dL/dx into `dx` and returns the gradients of fc1 weight/bias, conv weight/bias,
 // fc2 weight/bias and cond (all of them, also for absent biases and cond).
@@ -32,6 +34,7 @@ st_adapter_backward_cpu(
     const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
     const std::optional<at::Tensor>& cond,
-    int64_t prefix, const std::string& activation, double scale, int64_t tile_patches);
+    int64_t prefix, const std::string& activation, double scale, int64_t tile_patches,
+    bool native_gemm);
 
 }  // namespace stadapter

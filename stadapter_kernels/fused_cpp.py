@@ -36,6 +36,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Patch rows per tile; 0 lets the kernel pick from the shape. Tests set it small to exercise
 #: many tiles, partial last tiles and multi-tile weight-gradient groups on tiny shapes.
 tile_patches = 0
+#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN with the
+#: CPU's bf16/fp16 instructions: avx512_bf16, AMX, avx512_fp16), False = widened to float32 (MKL).
+#: The default is what this CPU runs natively; tests force each path.
+native_gemm = {
+    torch.bfloat16: torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    torch.float16: torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+}
 
 
 def unavailable_reason(spec: AdapterSpec) -> str | None:
@@ -52,13 +59,14 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
 
 def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options: AdapterOptions) -> None:
     torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, options.prefix, options.activation,
-                                               options.scale, tile_patches)
+                                               options.scale, tile_patches, native_gemm.get(x.dtype, False))
 
 
 def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,
              options: AdapterOptions) -> AdapterTensors:
     grads = torch.ops.stadapter_cpp.st_adapter_backward(dx, grad_out, x, *params, options.prefix,
-                                                        options.activation, options.scale, tile_patches)
+                                                        options.activation, options.scale, tile_patches,
+                                                        native_gemm.get(x.dtype, False))
     return AdapterTensors(*grads)
 
 
@@ -66,12 +74,12 @@ if _BUILD_ERROR is None:
 
     @torch.library.register_fake("stadapter_cpp::st_adapter_forward")
     def _forward_fake(out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
-                      prefix, activation, scale, tile_patches=0):
+                      prefix, activation, scale, tile_patches=0, native_gemm=False):
         return None
 
     @torch.library.register_fake("stadapter_cpp::st_adapter_backward")
     def _backward_fake(dx, grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-                       cond, prefix, activation, scale, tile_patches=0):
+                       cond, prefix, activation, scale, tile_patches=0, native_gemm=False):
         batch, bottleneck = x.shape[0], fc1_weight.shape[0]
         return (
             fc1_weight.new_empty(fc1_weight.shape),

@@ -23,19 +23,29 @@ def run(case, inputs, threads):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("case, tile", [
+CASES = [
     # 2 x 4 tiles of 3 patches (one reduction group per tile)
     (Case(cond=True), 3),
     # 2 x 10 tiles: 20 tiles in 8 groups of 2-3 tiles
     (Case(cond=True, activation="silu"), 1),
     # one tile in all: the single-task path of at::parallel_for
     (Case(batch=1, cond=True), 0),
+    # one tile with GEMMs large enough for oneDNN / MKL to split them over threads if let
+    (Case(batch=1, frames=3, tokens=97, channels=256, bottleneck=128, dtype=torch.bfloat16), 0),
     # ViT-like frame, the kernel's own tiling, the benchmark's bottleneck
     (Case(batch=2, frames=4, tokens=197, channels=64, bottleneck=384, activation="identity"), 0),
     (Case(dtype=torch.bfloat16, layout="lnc", cond=True), 3),
-], ids=str)
-def test_bit_identical_with_one_and_two_threads(case, tile, monkeypatch):
+]
+# bfloat16 cases run both GEMM paths: widened to float32, and native 16-bit GEMMs (oneDNN, which
+# parallelises with OpenMP unless pinned).
+GEMM_CASES = [(case, tile, native) for case, tile in CASES
+              for native in ((False,) if case.dtype == torch.float32 else (False, True))]
+
+
+@pytest.mark.parametrize("case, tile, native_gemm", GEMM_CASES, ids=str)
+def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeypatch):
     monkeypatch.setattr(fused_cpp, "tile_patches", tile)
+    monkeypatch.setitem(fused_cpp.native_gemm, case.dtype, native_gemm)
     inputs = make_inputs(case, seed=3)
     out1, grads1 = run(case, inputs, 1)
     out2, grads2 = run(case, inputs, 2)

@@ -37,9 +37,15 @@ GRID = (
 )
 
 
-@pytest.mark.parametrize("case, tile", GRID, ids=lambda v: str(v))
-def test_cpp_matches_oracle(case, tile, monkeypatch):
+# bfloat16/float16 cases run both GEMM paths: widened to float32, and native 16-bit GEMMs.
+GEMM_GRID = [(case, tile, native) for case, tile in GRID
+             for native in ((False,) if case.dtype == torch.float32 else (False, True))]
+
+
+@pytest.mark.parametrize("case, tile, native_gemm", GEMM_GRID, ids=lambda v: str(v))
+def test_cpp_matches_oracle(case, tile, native_gemm, monkeypatch):
     monkeypatch.setattr(fused_cpp, "tile_patches", tile)
+    monkeypatch.setitem(fused_cpp.native_gemm, case.dtype, native_gemm)
     assert_matches_oracle(case, backend="cpp")
 
 

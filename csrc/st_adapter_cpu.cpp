@@ -36,8 +36,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 #if AT_MKL_ENABLED()
 // MKL's per-thread thread count (libtorch_cpu exports MKL, which torch links statically).
@@ -56,6 +59,8 @@ constexpr int64_t kTargetTilePatches = 100;
 // Upper bound on the number of weight-gradient partials of the backward (each Ca x C floats,
 // twice): enough groups to keep every core busy, few enough that summing them is cheap.
 constexpr int64_t kMaxReductionGroups = 8;
+// Alignment of every scratch buffer: a cache line, and enough for any vector load.
+constexpr size_t kArenaAlignment = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Activations (formulas and derivatives of stadapter_kernels/activations.py)
@@ -188,7 +193,8 @@ Rows<T> rows_of(const at::Tensor& t) {
   return Rows<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The parameters in float32, laid out for the kernels.
+// The parameters laid out for the kernels: the GEMMs' weights in the GEMM dtype (float32, or x's
+// dtype with native_gemm), everything else float32.
 struct Params {
   at::Tensor fc1_weight;  // (Ca, C)
   at::Tensor row_bias;    // (B, Ca): fc1 bias + cond[b]
@@ -196,8 +202,6 @@ struct Params {
   at::Tensor conv_bias;   // (Ca,)
   at::Tensor fc2_weight;  // (C, Ca)
   at::Tensor fc2_bias;    // (C,)
-  // The GEMMs' weights: fc1_weight and fc2_weight, or with native_gemm the same in x's dtype.
-  at::Tensor gemm_fc1_weight, gemm_fc2_weight;
 };
 
 Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
@@ -206,17 +210,16 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
                       const std::optional<at::Tensor>& cond) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  auto as_gemm = [&](const at::Tensor& t) { return s.native_gemm ? t.contiguous() : as_f32(t); };
   Params p;
-  p.fc1_weight = as_f32(fc1_weight);
-  p.fc2_weight = as_f32(fc2_weight);
+  p.fc1_weight = as_gemm(fc1_weight);
+  p.fc2_weight = as_gemm(fc2_weight);
   p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
   if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
   if (cond) p.row_bias.add_(cond->to(at::kFloat));
   p.taps = as_f32(conv_weight.reshape({s.bottleneck, s.kernel_t}).t());
   p.conv_bias = conv_bias ? as_f32(*conv_bias) : at::zeros({s.bottleneck}, f32);
   p.fc2_bias = fc2_bias ? as_f32(*fc2_bias) : at::zeros({s.channels}, f32);
-  p.gemm_fc1_weight = s.native_gemm ? fc1_weight.contiguous() : p.fc1_weight;
-  p.gemm_fc2_weight = s.native_gemm ? fc2_weight.contiguous() : p.fc2_weight;
   return p;
 }
 
@@ -376,41 +379,79 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
   }
 }
 
-// Per-thread scratch of one tile: the kt-frame rings and per-frame blocks in float32, and with
-// native_gemm the 16-bit GEMM operands and results.
+// Memory of the calling thread kept and reused across calls (grown when a call needs more), in
+// independent slots: fresh multi-megabyte buffers per call would be new pages, zero-filled by
+// the kernel on first touch, every call.
+enum class ArenaSlot { kTileScratch, kWeightGradPartials, kCount };
+
+inline char* thread_arena(ArenaSlot slot, size_t bytes) {
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  constexpr auto kSlots = static_cast<size_t>(ArenaSlot::kCount);
+  thread_local std::array<std::unique_ptr<char, Free>, kSlots> arenas;
+  thread_local std::array<size_t, kSlots> capacities{};
+  const auto i = static_cast<size_t>(slot);
+  bytes = (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;  // as aligned_alloc requires
+  if (bytes > capacities[i]) {
+    arenas[i].reset(static_cast<char*>(std::aligned_alloc(kArenaAlignment, bytes)));
+    TORCH_CHECK(arenas[i], "stadapter_cpp: cannot allocate ", bytes, " bytes of scratch");
+    capacities[i] = bytes;
+  }
+  return arenas[i].get();
+}
+
+// Per-thread scratch of one tile, carved out of the thread's arena (uninitialised): the kt-frame
+// rings and per-frame blocks in float32, and with native_gemm the 16-bit GEMM operands and results.
 template <typename scalar_t>
 struct Scratch {
-  std::vector<float> ring_y, ring_dz, a, derivative, bottleneck_grad, wide_x, wide_g, wide_out, row;
+  float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *derivative = nullptr, *bottleneck_grad = nullptr;
+  float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row = nullptr;
   // native_gemm only: a GEMM's 16-bit result, the 16-bit bottleneck operand of the forward's
   // up-projection, and the backward's per-tile weight-gradient operands over all T frames
   // (rows ordered by frame, then patch) and their 16-bit product.
-  std::vector<scalar_t> narrow_out, narrow_a, frames_g, frames_a, frames_x, frames_dy, weight_grad;
+  scalar_t *narrow_out = nullptr, *narrow_a = nullptr, *frames_g = nullptr, *frames_a = nullptr;
+  scalar_t *frames_x = nullptr, *frames_dy = nullptr, *weight_grad = nullptr;
 
   Scratch(const Shape& s, bool backward) {
+    const size_t bytes = carve(s, backward, 0);  // a dry run from address 0 measures the layout
+    carve(s, backward, reinterpret_cast<uintptr_t>(thread_arena(ArenaSlot::kTileScratch, bytes)));
+  }
+
+ private:
+  // Points every needed buffer into [base, base + returned size); the rest stay null.
+  size_t carve(const Shape& s, bool backward, uintptr_t base) {
+    uintptr_t next = base;
+    auto take = [&](auto*& buffer, int64_t count) {
+      using T = std::remove_reference_t<decltype(*buffer)>;
+      next = (next + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+      buffer = reinterpret_cast<T*>(next);
+      next += count * sizeof(T);
+    };
     const int64_t tile_ca = s.tile * s.bottleneck, tile_c = s.tile * s.channels;
-    const bool widened = !s.native_gemm, native_backward = s.native_gemm && backward;
-    ring_y.resize(s.kernel_t * tile_ca);
-    a.resize(tile_ca);
-    wide_out.resize(tile_c);
-    row.resize(s.channels);
-    if (widened) wide_x.resize(tile_c);
+    take(ring_y, s.kernel_t * tile_ca);
+    take(a, tile_ca);
+    take(wide_out, tile_c);
+    take(row, s.channels);
+    if (!s.native_gemm) take(wide_x, tile_c);
     if (backward) {
-      ring_dz.resize(s.kernel_t * tile_ca);
-      derivative.resize(tile_ca);
-      bottleneck_grad.resize(tile_ca);
-      if (widened) wide_g.resize(tile_c);
+      take(ring_dz, s.kernel_t * tile_ca);
+      take(derivative, tile_ca);
+      take(bottleneck_grad, tile_ca);
+      if (!s.native_gemm) take(wide_g, tile_c);
     }
     if (s.native_gemm) {
-      narrow_out.resize(s.tile * std::max(s.channels, s.bottleneck));
-      narrow_a.resize(tile_ca);
+      take(narrow_out, s.tile * std::max(s.channels, s.bottleneck));
+      take(narrow_a, tile_ca);
     }
-    if (native_backward) {
-      frames_g.resize(s.frames * tile_c);
-      frames_x.resize(s.frames * tile_c);
-      frames_a.resize(s.frames * tile_ca);
-      frames_dy.resize(s.frames * tile_ca);
-      weight_grad.resize(s.channels * s.bottleneck);
+    if (s.native_gemm && backward) {
+      take(frames_g, s.frames * tile_c);
+      take(frames_x, s.frames * tile_c);
+      take(frames_a, s.frames * tile_ca);
+      take(frames_dy, s.frames * tile_ca);
+      take(weight_grad, s.channels * s.bottleneck);
     }
+    return next - base;
   }
 };
 
@@ -439,8 +480,8 @@ template <typename scalar_t>
 void gemm_to_float(float* dst, const at::Tensor& a, const at::Tensor& b, float alpha, Scratch<scalar_t>& w) {
   const int64_t n = b.size(1);
   if (a.scalar_type() == at::kFloat) return gemm(dst, n, a, b, alpha, 0.0f);
-  gemm(w.narrow_out.data(), n, a, b, alpha, 0.0f);
-  widen(w.narrow_out.data(), dst, a.size(0) * n);
+  gemm(w.narrow_out, n, a, b, alpha, 0.0f);
+  widen(w.narrow_out, dst, a.size(0) * n);
 }
 
 // acc (float32) = or += the 16-bit block src, n elements.
@@ -463,8 +504,8 @@ void accumulate_widened(float* acc, const scalar_t* src, int64_t n, bool assign)
 template <typename scalar_t>
 void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f,
                      int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
-  float* y = w.ring_y.data() + s.slot(f) * s.tile * s.bottleneck;
-  gemm_to_float(y, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x.data()), p.gemm_fc1_weight.t(),
+  float* y = w.ring_y + s.slot(f) * s.tile * s.bottleneck;
+  gemm_to_float(y, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(),
                 1.0f, w);
   add_row_bias(y, p.row_bias.data_ptr<float>() + b * s.bottleneck, rows, s.bottleneck);
 }
@@ -483,12 +524,12 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
     if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
     const int64_t t = step - s.half;
     if (t < 0) continue;
-    conv_activation<A>(s, p, w.ring_y.data(), t, rows, w.a.data(), nullptr);
-    gemm_to_float(w.wide_out.data(), bottleneck_operand(s, w.a.data(), rows, w.narrow_a.data()),
-                  p.gemm_fc2_weight.t(), 1.0f, w);
+    conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr);
+    gemm_to_float(w.wide_out, bottleneck_operand(s, w.a, rows, w.narrow_a),
+                  p.fc2_weight.t(), 1.0f, w);
     for (const auto r : c10::irange(rows)) {
-      residual_row(out.row(b, t, l0 + r), x.row(b, t, l0 + r), w.wide_out.data() + r * c_dim,
-                   p.fc2_bias.data_ptr<float>(), scale, c_dim, w.row.data());
+      residual_row(out.row(b, t, l0 + r), x.row(b, t, l0 + r), w.wide_out + r * c_dim,
+                   p.fc2_bias.data_ptr<float>(), scale, c_dim, w.row);
     }
     if (p0 == 0) copy_rows(out.row(b, t, 0), out.stride_l, x.row(b, t, 0), x.stride_l, s.prefix, c_dim);
   }
@@ -529,24 +570,24 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
 
     const int64_t t = step - s.half;
     if (t >= 0 && t < s.frames) {
-      conv_activation<A>(s, p, w.ring_y.data(), t, rows, w.a.data(), w.derivative.data());
+      conv_activation<A>(s, p, w.ring_y, t, rows, w.a, w.derivative);
       const scalar_t* g_rows = g.row(b, t, l0);
-      const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g.data());
+      const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
       // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
-      gemm_to_float(w.bottleneck_grad.data(), g_block, p.gemm_fc2_weight, scale, w);
+      gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
       if (s.native_gemm) {  // d fc2_weight waits for the tile's last frame
-        copy_rows(w.frames_g.data() + t * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
-        at::vec::convert(w.a.data(), w.frames_a.data() + t * rows * ca, rows * ca);
+        copy_rows(w.frames_g + t * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
+        at::vec::convert(w.a, w.frames_a + t * rows * ca, rows * ca);
       } else {
-        gemm(d_fc2_weight, ca, g_block.t(), block(w.a.data(), rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
+        gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
         first_fc2 = false;
       }
-      add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.row.data());
+      add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.row);
       // dz = da * act'(z), kept in the ring for the conv-input gradient; conv weight/bias grads.
-      float* dz = w.ring_dz.data() + s.slot(t) * slot_size;
+      float* dz = w.ring_dz + s.slot(t) * slot_size;
       for (int64_t i = 0; i < rows * ca; i += kVec) {
         const int64_t n = std::min(kVec, rows * ca - i);
-        (Vec::loadu(w.bottleneck_grad.data() + i, n) * Vec::loadu(w.derivative.data() + i, n)).store(dz + i, n);
+        (Vec::loadu(w.bottleneck_grad + i, n) * Vec::loadu(w.derivative + i, n)).store(dz + i, n);
       }
       for (const auto r : c10::irange(rows)) {
         const float* dz_row = dz + r * ca;
@@ -556,7 +597,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
           for (int64_t j = 0; j < s.kernel_t; ++j) {
             const int64_t f = t + j - s.half;
             if (f < 0 || f >= s.frames) continue;
-            const Vec y = Vec::loadu(w.ring_y.data() + s.slot(f) * slot_size + r * ca + c, n);
+            const Vec y = Vec::loadu(w.ring_y + s.slot(f) * slot_size + r * ca + c, n);
             at::vec::fmadd(dzv, y, Vec::loadu(d_conv + j * ca + c, n)).store(d_conv + j * ca + c, n);
           }
           float* bias_acc = d_conv + s.kernel_t * ca + c;
@@ -568,35 +609,35 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
     const int64_t u = step - 2 * s.half;
     if (u >= 0) {
       // dy[u] = sum_j taps[j] * dz[u - j + half].
-      float* dy = w.bottleneck_grad.data();
+      float* dy = w.bottleneck_grad;
       const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1)), j_hi = std::min(s.kernel_t, u + s.half + 1);
       for (const auto r : c10::irange(rows)) {
         for (int64_t c = 0; c < ca; c += kVec) {
           const int64_t n = std::min(kVec, ca - c);
           Vec acc(0.0f);
           for (int64_t j = j_lo; j < j_hi; ++j) {
-            const float* dz = w.ring_dz.data() + s.slot(u - j + s.half) * slot_size + r * ca + c;
+            const float* dz = w.ring_dz + s.slot(u - j + s.half) * slot_size + r * ca + c;
             acc = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(dz, n), acc);
           }
           acc.store(dy + r * ca + c, n);
         }
       }
-      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f, w.row.data());
+      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f, w.row);
       const scalar_t* x_rows = x.row(b, u, l0);
       const at::Tensor dy_block =
-          bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy.data() + u * rows * ca : nullptr);
+          bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy + u * rows * ca : nullptr);
       if (s.native_gemm) {  // d fc1_weight waits for the tile's last frame
-        copy_rows(w.frames_x.data() + u * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
+        copy_rows(w.frames_x + u * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
       } else {
-        const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x.data());
+        const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x);
         gemm(d_fc1_weight, c_dim, dy_block.t(), x_block, 1.0f, first_fc1 ? 0.0f : 1.0f);
         first_fc1 = false;
       }
       // dx = g + dy @ fc1_weight, the residual fused into the epilogue.
-      gemm_to_float(w.wide_out.data(), dy_block, p.gemm_fc1_weight, 1.0f, w);
+      gemm_to_float(w.wide_out, dy_block, p.fc1_weight, 1.0f, w);
       for (const auto r : c10::irange(rows)) {
-        residual_row(dx.row(b, u, l0 + r), g.row(b, u, l0 + r), w.wide_out.data() + r * c_dim,
-                     static_cast<const float*>(nullptr), 1.0f, c_dim, w.row.data());
+        residual_row(dx.row(b, u, l0 + r), g.row(b, u, l0 + r), w.wide_out + r * c_dim,
+                     static_cast<const float*>(nullptr), 1.0f, c_dim, w.row);
       }
       if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
     }
@@ -606,10 +647,10 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
     // The weight gradients over all frames of the tile at once (K = T x rows): one 16-bit
     // rounding per tile, added to the group's float32 partials.
     const int64_t k = s.frames * rows;
-    scalar_t* product = w.weight_grad.data();
-    gemm(product, ca, block(w.frames_g.data(), k, c_dim, c_dim).t(), block(w.frames_a.data(), k, ca, ca), scale, 0.0f);
+    scalar_t* product = w.weight_grad;
+    gemm(product, ca, block(w.frames_g, k, c_dim, c_dim).t(), block(w.frames_a, k, ca, ca), scale, 0.0f);
     accumulate_widened(d_fc2_weight, product, c_dim * ca, first_in_group);
-    gemm(product, c_dim, block(w.frames_dy.data(), k, ca, ca).t(), block(w.frames_x.data(), k, c_dim, c_dim), 1.0f,
+    gemm(product, c_dim, block(w.frames_dy, k, ca, ca).t(), block(w.frames_x, k, c_dim, c_dim), 1.0f,
          0.0f);
     accumulate_widened(d_fc1_weight, product, ca * c_dim, first_in_group);
   }
@@ -685,13 +726,22 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
                         double scale, int64_t tile_patches, bool native_gemm) {
   check_inputs(x, dx);
   check_inputs(x, grad_out);
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm);
-  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
   const Activation act = parse_activation(activation);
+  // Native 16-bit GEMMs round the recomputed y, so z moves by ~2^-9 of its size. relu' jumps at
+  // z = 0: where that rounding moves z across zero, dz is wrong by all of da, which puts percent-
+  // level errors into the conv and fc1-bias gradients at any size. Smooth activations only see
+  // the rounding itself; relu's backward widens.
+  const bool native_backward_gemm = native_gemm && act != Activation::kRelu;
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_backward_gemm);
+  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // The weight-gradient partials are written whole by each group's first tile (no zeroing).
+  float* weight_partials = reinterpret_cast<float*>(
+      thread_arena(ArenaSlot::kWeightGradPartials, 2 * groups * ca * c_dim * sizeof(float)));
   GradPartials partials{
-      at::empty({groups, ca, c_dim}, f32), at::empty({groups, c_dim, ca}, f32),
+      at::from_blob(weight_partials, {groups, ca, c_dim}, f32),
+      at::from_blob(weight_partials + groups * ca * c_dim, {groups, c_dim, ca}, f32),
       at::zeros({s.tiles, c_dim}, f32), at::zeros({s.tiles, s.kernel_t + 1, ca}, f32), at::zeros({s.tiles, ca}, f32)};
 
   dispatch_dtype(x.scalar_type(), [&](auto zero) {

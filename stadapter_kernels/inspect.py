@@ -65,11 +65,18 @@ def _arch_number(arch: str) -> int:
     return int(match.group(1))
 
 
-def _signature(fn, dtype: str, constexprs: dict):
+def _signature(fn, kernel: str, dtype: str, activation: str, constexprs: dict):
+    from .fused_triton import configs
+
+    ring = configs.ring_dtype(kernel, activation, _TORCH_DTYPES[dtype])
+    ring_name = next(name for name, value in _TORCH_DTYPES.items() if value == ring)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "scratch_ptr":
+            signature[name] = f"*{ring_name}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -145,7 +152,7 @@ def inspect(archs, channels=DEFAULT_CHANNELS, bottlenecks=DEFAULT_BOTTLENECKS, d
             # C and Ca are runtime arguments: shapes that share CA_PAD share one binary.
             key = (number, kernel, tuple(sorted(constexprs.items())), tuple(options.items()), warps, stages, dtype)
             if key not in compiled:
-                signature, attrs = _signature(fn, dtype, constexprs)
+                signature, attrs = _signature(fn, kernel, dtype, activation, constexprs)
                 source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
                 binary = triton.compile(source, target=GPUTarget("cuda", number, 32),
                                         options={"num_warps": warps, "num_stages": stages, **options})

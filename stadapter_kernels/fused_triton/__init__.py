@@ -118,7 +118,8 @@ def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options:
     constexprs = _constexprs(params, options)
     programs = _persistent_programs(x.device)
     # The ring of kt bottleneck tiles and the activated tile.
-    scratch = _scratch(programs, "forward", kernel_t + 1, params, x.dtype, x.device)
+    scratch = _scratch(programs, "forward", kernel_t + 1, params,
+                       configs.ring_dtype("forward", options.activation, x.dtype), x.device)
 
     def grid(meta):
         return (min(programs, batch * (_tiles(prefix, meta) + _tiles(patches, meta))),)
@@ -149,7 +150,8 @@ def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: 
     a_buf = torch.empty((batch, frames, patches, bottleneck), dtype=dtype, device=device)
     dz_buf = torch.empty((batch, frames, patches, bottleneck), dtype=torch.float32, device=device)
     dy_buf = torch.empty_like(a_buf)
-    scratch = _scratch(programs, "backward_bottleneck", kernel_t, params, dtype, device)
+    scratch = _scratch(programs, "backward_bottleneck", kernel_t, params,
+                       configs.ring_dtype("backward_bottleneck", options.activation, dtype), device)
     # Per-program partials, sized for the most programs (smallest BLOCK_P) any config launches;
     # the kernels zero the rows their launch leaves over.
     conv_partial = torch.empty((programs, kernel_t + 1, bottleneck), dtype=torch.float32, device=device)

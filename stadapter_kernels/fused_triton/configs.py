@@ -107,6 +107,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
+def ring_dtype(kernel: str, activation: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a kernel's scratch ring of bottleneck tiles (y), for inputs of `dtype`.
+
+    The inputs' dtype halves the ring's cache footprint, and rounding y there costs the output
+    only ~2^-9 relative. The backward's ring for relu is float32: relu' jumps at z = 0, so where
+    a rounded y moves z across zero, dz is wrong by all of da, which put 2-5% errors into the
+    conv, fc1 and cond gradients of bf16 runs (DESIGN.md allows 1e-2).
+    """
+    return torch.float32 if kernel == "backward_bottleneck" and activation == "relu" else dtype
+
+
 def ca_pad(bottleneck: int) -> int:
     """Ca rounded up to a power of two, at least 16 (the smallest tl.dot dimension)."""
     return max(16, triton.next_power_of_2(bottleneck))

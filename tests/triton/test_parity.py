@@ -41,6 +41,8 @@ def test_matches_oracle(name):
     assert_matches_oracle(CASES[name], backend="triton")
 
 
+# bf16 relu fails most seeds if the backward's ring rounds y (see configs.ring_dtype).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_activation_matches_oracle(activation):
-    assert_matches_oracle(BASE.with_(activation=activation, batch=1), backend="triton")
+def test_activation_matches_oracle(activation, dtype):
+    assert_matches_oracle(BASE.with_(activation=activation, batch=1, dtype=dtype), backend="triton")

@@ -726,14 +726,9 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
                         double scale, int64_t tile_patches, bool native_gemm) {
   check_inputs(x, dx);
   check_inputs(x, grad_out);
-  const Activation act = parse_activation(activation);
-  // Native 16-bit GEMMs round the recomputed y, so z moves by ~2^-9 of its size. relu' jumps at
-  // z = 0: where that rounding moves z across zero, dz is wrong by all of da, which puts percent-
-  // level errors into the conv and fc1-bias gradients at any size. Smooth activations only see
-  // the rounding itself; relu's backward widens.
-  const bool native_backward_gemm = native_gemm && act != Activation::kRelu;
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_backward_gemm);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm);
   const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
+  const Activation act = parse_activation(activation);
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   // The weight-gradient partials are written whole by each group's first tile (no zeroing).

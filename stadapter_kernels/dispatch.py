@@ -1,6 +1,8 @@
 """Backend registry, `backend="auto"` resolution and `explain`.
 
-A backend is a module with three functions (the contract every fused implementation follows):
+A backend is a module with three functions (the contract every fused implementation follows),
+and optionally `describe(spec) -> str | None`, a note on how it will run this call that
+`explain` shows:
 
     unavailable_reason(spec: AdapterSpec) -> str | None
         None when it can serve this call, else one sentence saying why not.
@@ -66,12 +68,20 @@ class Explanation:
     reason: str
     copies: tuple[str, ...] = ()
     rejected: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # how the chosen backend runs this call (the backend's `describe`)
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend} ({self.reason})"]
+        lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  not {name}: {why}" for name, why in self.rejected.items()]
         lines += [f"  copy: {what}" for what in self.copies]
         return "\n".join(lines)
+
+
+def _notes(name: str, spec: AdapterSpec) -> tuple[str, ...]:
+    describe = getattr(_LOADED[name][0], "describe", None)
+    note = describe(spec) if describe is not None else None
+    return (note,) if note else ()
 
 
 def resolve(spec: AdapterSpec, requested: str) -> Explanation:
@@ -82,11 +92,13 @@ def resolve(spec: AdapterSpec, requested: str) -> Explanation:
         why_not = unavailable_reason(requested, spec)
         if why_not is not None:
             raise BackendUnavailableError(f"backend={requested!r} cannot serve this call: {why_not}")
-        return Explanation(requested, "forced by backend=" + repr(requested), copies)
+        return Explanation(requested, "forced by backend=" + repr(requested), copies,
+                           notes=_notes(requested, spec))
     rejected = {}
     for name in BACKEND_PREFERENCE:
         why_not = unavailable_reason(name, spec)
         if why_not is None:
-            return Explanation(name, "fastest eligible backend for backend='auto'", copies, rejected)
+            return Explanation(name, "fastest eligible backend for backend='auto'", copies, rejected,
+                               _notes(name, spec))
         rejected[name] = why_not
     raise AssertionError("the reference backend serves every validated call")

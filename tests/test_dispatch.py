@@ -5,6 +5,7 @@ import torch
 
 import stadapter_kernels as sk
 from parity import Case, call, make_inputs, rel_error
+from stadapter_kernels import fused_cpp
 from stadapter_kernels.dispatch import unavailable_reason
 from stadapter_kernels.reference import oracle
 
@@ -72,3 +73,14 @@ def test_unavailable_reason_is_a_sentence_or_none():
                     activation="gelu", scale=0.5, layout="nlc")
     assert unavailable_reason("reference", spec) is None
     assert isinstance(unavailable_reason("triton", spec), str)
+
+
+@pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason="needs the C++ extension")
+@pytest.mark.parametrize("native_gemm, words", [(True, "native"), (False, "widened to float32")])
+def test_explain_says_how_cpp_runs_bfloat16_gemms(native_gemm, words, monkeypatch):
+    monkeypatch.setitem(fused_cpp.native_gemm, torch.bfloat16, native_gemm)
+    case = CASE.with_(dtype=torch.bfloat16)
+    choice = explain(case, make_inputs(case, seed=0), backend="cpp")
+    assert any(words in note for note in choice.notes), choice
+    assert words in str(choice)
+    assert not explain(CASE, make_inputs(CASE, seed=0), backend="cpp").notes  # float32: nothing to say

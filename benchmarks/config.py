@@ -46,7 +46,7 @@ FULL = {
 }
 #: `--quick`: the official ViT-B/16 adapter (Ca = 384, 8 frames) only; under 3 minutes on 2 CPU cores.
 QUICK = {
-    "cpu": Sweep(T=(8,), ca=(384,), width=("vit-b",), dtype=("float32",)),
+    "cpu": Sweep(T=(8,), ca=(384,), width=("vit-b",), dtype=("float32", "bfloat16")),
     "cuda": Sweep(T=(8, 16), ca=(384,), width=("vit-b",), dtype=("float32", "bfloat16")),
 }
 

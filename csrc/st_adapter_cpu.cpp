@@ -299,9 +299,9 @@ const float* widen_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t c
   }
 }
 
-// The residual row as float32: the row itself for float32, else widened into `scratch`.
+// A row as float32: the row itself for float32, else widened into `scratch`.
 template <typename scalar_t>
-const float* residual_as_float(const scalar_t* src, int64_t n, float* scratch) {
+const float* as_float(const scalar_t* src, int64_t n, float* scratch) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return src;
   } else {
@@ -310,11 +310,13 @@ const float* residual_as_float(const scalar_t* src, int64_t n, float* scratch) {
   }
 }
 
-// dst = residual + scale * (u + bias) for one row of n channels; `scratch` holds n floats.
-template <typename scalar_t>
-void residual_row(scalar_t* dst, const scalar_t* residual, const float* u, const float* bias, float scale,
-                  int64_t n, float* scratch) {
-  const float* r = residual_as_float(residual, n, scratch);
+// dst = residual + scale * (u + bias) for one row of n channels, u a float32 or 16-bit GEMM
+// result; `scratch` and `scratch_u` hold n floats each.
+template <typename scalar_t, typename U>
+void residual_row(scalar_t* dst, const scalar_t* residual, const U* u_row, const float* bias, float scale,
+                  int64_t n, float* scratch, float* scratch_u) {
+  const float* r = as_float(residual, n, scratch);
+  const float* u = as_float(u_row, n, scratch_u);
   float* o = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dst) : scratch;
   const Vec vscale(scale);
   int64_t c = 0;
@@ -336,7 +338,7 @@ void copy_rows(scalar_t* dst, int64_t dst_ld, const scalar_t* src, int64_t src_l
 template <typename T>
 void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t cols, float alpha, float* scratch) {
   for (const auto r : c10::irange(rows)) {
-    const float* row = residual_as_float(m + r * ld, cols, scratch);
+    const float* row = as_float(m + r * ld, cols, scratch);
     int64_t c = 0;
     for (; c + kVec <= cols; c += kVec) {
       at::vec::fmadd(Vec(alpha), Vec::loadu(row + c), Vec::loadu(acc + c)).store(acc + c);
@@ -356,15 +358,18 @@ void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n) {
 }
 
 // The window of frame t: z = conv_bias + sum_j taps[j] * y[t + j - half] (zero padding in T),
-// a = act(z), and act'(z) into `derivative` when it is non-null.
-template <Activation A>
-void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64_t t, int64_t rows, float* a,
-                     float* derivative) {
+// a = act(z) (float32, or rounded to 16 bits through `row_scratch`, Ca floats), and act'(z)
+// into `derivative` when it is non-null.
+template <Activation A, typename OutT>
+void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64_t t, int64_t rows, OutT* a,
+                     float* derivative, float* row_scratch) {
   const int64_t ca = s.bottleneck, slot_size = s.tile * ca;
   const float* taps = p.taps.data_ptr<float>();
   const float* bias = p.conv_bias.data_ptr<float>();
   const int64_t j_lo = std::max<int64_t>(0, s.half - t), j_hi = std::min(s.kernel_t, s.frames - t + s.half);
   for (const auto r : c10::irange(rows)) {
+    float* a_row = row_scratch;
+    if constexpr (std::is_same_v<OutT, float>) a_row = a + r * ca;
     for (int64_t c = 0; c < ca; c += kVec) {
       const int64_t n = std::min(kVec, ca - c);
       Vec z = Vec::loadu(bias + c, n);
@@ -373,9 +378,10 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
         z = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(y, n), z);
       }
       Vec d;
-      activate<A>(z, derivative ? &d : nullptr).store(a + r * ca + c, n);
+      activate<A>(z, derivative ? &d : nullptr).store(a_row + c, n);
       if (derivative) d.store(derivative + r * ca + c, n);
     }
+    if constexpr (!std::is_same_v<OutT, float>) at::vec::convert(row_scratch, a + r * ca, ca);
   }
 }
 
@@ -406,7 +412,7 @@ inline char* thread_arena(ArenaSlot slot, size_t bytes) {
 template <typename scalar_t>
 struct Scratch {
   float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *derivative = nullptr, *bottleneck_grad = nullptr;
-  float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row = nullptr;
+  float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row = nullptr, *row_u = nullptr;
   // native_gemm only: a GEMM's 16-bit result, the 16-bit bottleneck operand of the forward's
   // up-projection, and the backward's per-tile weight-gradient operands over all T frames
   // (rows ordered by frame, then patch) and their 16-bit product.
@@ -430,10 +436,13 @@ struct Scratch {
     };
     const int64_t tile_ca = s.tile * s.bottleneck, tile_c = s.tile * s.channels;
     take(ring_y, s.kernel_t * tile_ca);
-    take(a, tile_ca);
-    take(wide_out, tile_c);
     take(row, s.channels);
-    if (!s.native_gemm) take(wide_x, tile_c);
+    take(row_u, std::max(s.channels, s.bottleneck));
+    if (!s.native_gemm) {
+      take(a, tile_ca);
+      take(wide_x, tile_c);
+      take(wide_out, tile_c);
+    }
     if (backward) {
       take(ring_dz, s.kernel_t * tile_ca);
       take(derivative, tile_ca);
@@ -490,24 +499,45 @@ void accumulate_widened(float* acc, const scalar_t* src, int64_t n, bool assign)
   if (assign) return widen(src, acc, n);
   int64_t i = 0;
   if constexpr (!std::is_same_v<scalar_t, float>) {
-  using HalfVec = at::vec::Vectorized<scalar_t>;
-  for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
-    const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(src + i));
-    (Vec::loadu(acc + i) + low).store(acc + i);
-    (Vec::loadu(acc + i + kVec) + high).store(acc + i + kVec);
-  }
+    using HalfVec = at::vec::Vectorized<scalar_t>;
+    for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+      const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(src + i));
+      (Vec::loadu(acc + i) + low).store(acc + i);
+      (Vec::loadu(acc + i + kVec) + high).store(acc + i + kVec);
+    }
   }
   for (; i < n; ++i) acc[i] += static_cast<float>(src[i]);
+}
+
+// dst[b, t, l0 + r] = residual[b, t, l0 + r] + scale * (u[r] + bias) for the tile's rows, u a
+// (rows x C) float32 or 16-bit GEMM result.
+template <typename scalar_t, typename U>
+void residual_rows(const Rows<scalar_t>& dst, const Rows<const scalar_t>& residual, int64_t b, int64_t t,
+                   int64_t l0, int64_t rows, const U* u, const float* bias, float scale, int64_t c_dim,
+                   Scratch<scalar_t>& w) {
+  for (const auto r : c10::irange(rows)) {
+    residual_row(dst.row(b, t, l0 + r), residual.row(b, t, l0 + r), u + r * c_dim, bias, scale, c_dim, w.row,
+                 w.row_u);
+  }
 }
 
 // y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into its ring slot.
 template <typename scalar_t>
 void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f,
                      int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
-  float* y = w.ring_y + s.slot(f) * s.tile * s.bottleneck;
-  gemm_to_float(y, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(),
-                1.0f, w);
-  add_row_bias(y, p.row_bias.data_ptr<float>() + b * s.bottleneck, rows, s.bottleneck);
+  const int64_t ca = s.bottleneck;
+  float* y = w.ring_y + s.slot(f) * s.tile * ca;
+  const float* bias = p.row_bias.data_ptr<float>() + b * ca;
+  if (s.native_gemm) {
+    gemm(w.narrow_out, ca, block(x.row(b, f, l0), rows, s.channels, x.stride_l), p.fc1_weight.t(), 1.0f, 0.0f);
+    for (const auto r : c10::irange(rows)) {  // widened and biased row by row, while in L1
+      widen(w.narrow_out + r * ca, y + r * ca, ca);
+      add_row_bias(y + r * ca, bias, 1, ca);
+    }
+  } else {
+    gemm(y, ca, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(), 1.0f, 0.0f);
+    add_row_bias(y, bias, rows, ca);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,18 +548,21 @@ template <typename scalar_t, Activation A>
 void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<scalar_t>& out,
                   float scale, int64_t tile_index, Scratch<scalar_t>& w) {
   const int64_t b = s.video_of(tile_index), p0 = s.first_patch(tile_index), rows = s.rows_of(tile_index);
-  const int64_t l0 = s.prefix + p0, c_dim = s.channels;
+  const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels;
+  const float* up_bias = p.fc2_bias.data_ptr<float>();
   // Step `step` projects frame `step` down and finishes frame `step - half`, whose window is complete.
   for (int64_t step = 0; step < s.frames + s.half; ++step) {
     if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
     const int64_t t = step - s.half;
     if (t < 0) continue;
-    conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr);
-    gemm_to_float(w.wide_out, bottleneck_operand(s, w.a, rows, w.narrow_a),
-                  p.fc2_weight.t(), 1.0f, w);
-    for (const auto r : c10::irange(rows)) {
-      residual_row(out.row(b, t, l0 + r), x.row(b, t, l0 + r), w.wide_out + r * c_dim,
-                   p.fc2_bias.data_ptr<float>(), scale, c_dim, w.row);
+    if (s.native_gemm) {
+      conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, nullptr, w.row_u);
+      gemm(w.narrow_out, c_dim, block(w.narrow_a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+      residual_rows(out, x, b, t, l0, rows, w.narrow_out, up_bias, scale, c_dim, w);
+    } else {
+      conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u);
+      gemm(w.wide_out, c_dim, block(w.a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+      residual_rows(out, x, b, t, l0, rows, w.wide_out, up_bias, scale, c_dim, w);
     }
     if (p0 == 0) copy_rows(out.row(b, t, 0), out.stride_l, x.row(b, t, 0), x.stride_l, s.prefix, c_dim);
   }
@@ -570,15 +603,15 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
 
     const int64_t t = step - s.half;
     if (t >= 0 && t < s.frames) {
-      conv_activation<A>(s, p, w.ring_y, t, rows, w.a, w.derivative);
       const scalar_t* g_rows = g.row(b, t, l0);
       const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
       // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
       gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
       if (s.native_gemm) {  // d fc2_weight waits for the tile's last frame
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t * rows * ca, w.derivative, w.row_u);
         copy_rows(w.frames_g + t * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
-        at::vec::convert(w.a, w.frames_a + t * rows * ca, rows * ca);
       } else {
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.a, w.derivative, w.row_u);
         gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
         first_fc2 = false;
       }
@@ -634,10 +667,12 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         first_fc1 = false;
       }
       // dx = g + dy @ fc1_weight, the residual fused into the epilogue.
-      gemm_to_float(w.wide_out, dy_block, p.fc1_weight, 1.0f, w);
-      for (const auto r : c10::irange(rows)) {
-        residual_row(dx.row(b, u, l0 + r), g.row(b, u, l0 + r), w.wide_out + r * c_dim,
-                     static_cast<const float*>(nullptr), 1.0f, c_dim, w.row);
+      if (s.native_gemm) {
+        gemm(w.narrow_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
+        residual_rows(dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f, c_dim, w);
+      } else {
+        gemm(w.wide_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
+        residual_rows(dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f, c_dim, w);
       }
       if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
     }

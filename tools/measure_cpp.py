@@ -30,6 +30,7 @@ import torch
 from torch.func import functional_call
 
 import stadapter_kernels as sk
+from stadapter_kernels import fused_cpp
 from benchmarks.providers import OfficialAdapter
 
 BATCH, FRAMES, TOKENS, PREFIX, CHANNELS, KERNEL_T = 2, 8, 197, 1, 768, 3
@@ -129,12 +130,15 @@ def raw_op(inputs, tile, backward):
     params = [inputs[k] for k in ("fc1_weight", "fc1_bias", "conv_weight", "conv_bias", "fc2_weight", "fc2_bias")]
     out = torch.empty_like(x)
     options = (PREFIX, "identity", 1.0, tile)
+    # The GEMM path st_adapter would take (native or widened bf16/fp16 GEMMs).
+    native = {phase: fused_cpp._native(x.dtype, "identity", backward=phase) for phase in (False, True)}
 
     def run():
         start = time.perf_counter()
-        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options)
+        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native[False])
         if backward:
-            torch.ops.stadapter_cpp.st_adapter_backward(torch.empty_like(x), x, x, *params, None, *options)
+            torch.ops.stadapter_cpp.st_adapter_backward(torch.empty_like(x), x, x, *params, None, *options,
+                                                        native[True])
         return time.perf_counter() - start
 
     return run

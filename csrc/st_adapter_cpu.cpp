@@ -385,27 +385,48 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
   }
 }
 
-// Memory of the calling thread kept and reused across calls (grown when a call needs more), in
-// independent slots: fresh multi-megabyte buffers per call would be new pages, zero-filled by
-// the kernel on first touch, every call.
+// Memory for one call. Requests up to kMaxRetainedArenaBytes come from the calling thread's
+// arena, kept and reused across calls (grown when a call needs more), one per slot: fresh
+// multi-megabyte buffers per call would be new pages, zero-filled by the kernel on first touch,
+// every call. Larger requests (long clips, wide models) are allocated for the call and freed
+// with the lease, so no thread keeps more than the cap per slot alive between calls.
 enum class ArenaSlot { kTileScratch, kWeightGradPartials, kCount };
+constexpr size_t kMaxRetainedArenaBytes = size_t{32} << 20;
 
-inline char* thread_arena(ArenaSlot slot, size_t bytes) {
+class ArenaLease {
+ public:
+  ArenaLease() = default;
+  ArenaLease(ArenaSlot slot, size_t bytes) {
+    bytes = (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;  // as aligned_alloc requires
+    if (bytes > kMaxRetainedArenaBytes) {
+      owned_.reset(allocate(bytes));
+      data_ = owned_.get();
+      return;
+    }
+    constexpr auto kSlots = static_cast<size_t>(ArenaSlot::kCount);
+    thread_local std::array<std::unique_ptr<char, Free>, kSlots> arenas;
+    thread_local std::array<size_t, kSlots> capacities{};
+    const auto i = static_cast<size_t>(slot);
+    if (bytes > capacities[i]) {
+      arenas[i].reset(allocate(bytes));
+      capacities[i] = bytes;
+    }
+    data_ = arenas[i].get();
+  }
+  char* data() const { return data_; }
+
+ private:
   struct Free {
     void operator()(char* p) const { std::free(p); }
   };
-  constexpr auto kSlots = static_cast<size_t>(ArenaSlot::kCount);
-  thread_local std::array<std::unique_ptr<char, Free>, kSlots> arenas;
-  thread_local std::array<size_t, kSlots> capacities{};
-  const auto i = static_cast<size_t>(slot);
-  bytes = (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;  // as aligned_alloc requires
-  if (bytes > capacities[i]) {
-    arenas[i].reset(static_cast<char*>(std::aligned_alloc(kArenaAlignment, bytes)));
-    TORCH_CHECK(arenas[i], "stadapter_cpp: cannot allocate ", bytes, " bytes of scratch");
-    capacities[i] = bytes;
+  static char* allocate(size_t bytes) {
+    char* memory = static_cast<char*>(std::aligned_alloc(kArenaAlignment, bytes));
+    TORCH_CHECK(memory, "stadapter_cpp: cannot allocate ", bytes, " bytes of scratch");
+    return memory;
   }
-  return arenas[i].get();
-}
+  std::unique_ptr<char, Free> owned_;
+  char* data_ = nullptr;
+};
 
 // Per-thread scratch of one tile, carved out of the thread's arena (uninitialised): the kt-frame
 // rings and per-frame blocks in float32, and with native_gemm the 16-bit GEMM operands and results.
@@ -420,11 +441,13 @@ struct Scratch {
   scalar_t *frames_x = nullptr, *frames_dy = nullptr, *weight_grad = nullptr;
 
   Scratch(const Shape& s, bool backward) {
-    const size_t bytes = carve(s, backward, 0);  // a dry run from address 0 measures the layout
-    carve(s, backward, reinterpret_cast<uintptr_t>(thread_arena(ArenaSlot::kTileScratch, bytes)));
+    lease_ = ArenaLease(ArenaSlot::kTileScratch, carve(s, backward, 0));  // a dry run from 0 measures it
+    carve(s, backward, reinterpret_cast<uintptr_t>(lease_.data()));
   }
 
  private:
+  ArenaLease lease_;
+
   // Points every needed buffer into [base, base + returned size); the rest stay null.
   size_t carve(const Shape& s, bool backward, uintptr_t base) {
     uintptr_t next = base;
@@ -767,8 +790,8 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   // The weight-gradient partials are written whole by each group's first tile (no zeroing).
-  float* weight_partials = reinterpret_cast<float*>(
-      thread_arena(ArenaSlot::kWeightGradPartials, 2 * groups * ca * c_dim * sizeof(float)));
+  const ArenaLease partials_memory(ArenaSlot::kWeightGradPartials, 2 * groups * ca * c_dim * sizeof(float));
+  float* weight_partials = reinterpret_cast<float*>(partials_memory.data());
   GradPartials partials{
       at::from_blob(weight_partials, {groups, ca, c_dim}, f32),
       at::from_blob(weight_partials + groups * ca * c_dim, {groups, c_dim, ca}, f32),

@@ -31,6 +31,9 @@ GRID = (
     + [(BASE.with_(bottleneck=ca, channels=c), 3) for ca, c in ((24, 40), (48, 40), (384, 40), (20, 13), (48, 64))]
     + [(BASE.with_(dtype=dtype, layout=layout, cond=True), 3)
        for dtype in (torch.bfloat16, torch.float16) for layout in sk.LAYOUTS]
+    # 8 reduction groups of (Ca x C) float32 partials, twice: 34 MB, past the per-thread arena cap,
+    # so the backward's partials take the per-call allocation path.
+    + [(Case(batch=8, frames=1, tokens=2, channels=1024, bottleneck=520), 0)]
     # ViT-like frame (14 x 14 patches + class token), the kernel's own tiling: two tiles per frame.
     + [(Case(batch=1, frames=4, tokens=197, channels=64, bottleneck=48, activation="identity"), 0),
        (Case(batch=2, frames=2, tokens=197, channels=40, bottleneck=24, dtype=torch.bfloat16, cond=True), 0)]

@@ -15,7 +15,8 @@
 //    bf16/fp16 GEMM is a slow fallback.
 //  - native: the GEMMs take the 16-bit operands as they are (oneDNN, avx512_bf16 / AMX / fp16
 //    instructions) and return 16-bit results, which are widened for the element-wise work. Each
-//    GEMM output is rounded once, as nn.Linear in that dtype rounds it. Weight gradients use
+//    GEMM output is rounded once, as nn.Linear in that dtype rounds it (the caller keeps relu's
+//    backward widened, see stadapter_kernels/fused_cpp.py: _native). Weight gradients use
 //    one GEMM per tile over all its frames (K = T x rows) into a 16-bit block that is added to
 //    the float32 partials, so per-frame partial sums are never rounded.
 //

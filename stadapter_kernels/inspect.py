@@ -52,6 +52,7 @@ class Row:
     stack_bytes: int
     shared_bytes: int
     warps: int
+    activation: str  # compiled in; "-" for kernels without one
 
     @property
     def spills(self) -> bool:
@@ -105,9 +106,9 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in usage.items()}
 
 
-def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
-    """(kernel name, jit function, constexprs, compile options, warps, stages, config name, dtype, C, Ca)
-    per compile."""
+def _jobs(channels, bottlenecks, dtypes, kernel_t, activations):
+    """(kernel name, jit function, constexprs, compile options, warps, stages, config name, dtype, C, Ca,
+    activation) per compile; kernels without an activation once, labelled "-"."""
     from .fused_triton import _KERNELS, configs
     from .fused_triton.backward import token_outer_product_kernel
     from .fused_triton.common import ACTIVATION_IDS
@@ -118,25 +119,26 @@ def _jobs(channels, bottlenecks, dtypes, kernel_t, activation):
             for ca in bottlenecks:
                 for kernel in configs.TUNED_KERNELS:
                     for config in configs.SHIPPED[(kernel, configs.ca_pad(ca))]:
-                        constexprs = dict(KT=kernel_t, CA_PAD=configs.ca_pad(ca), DOT_PRECISION=precision,
-                                          BLOCK_P=config.block_p, BLOCK_C=config.block_c,
-                                          BLOCK_A=configs.block_a(ca))
-                        if kernel != "backward_input":
-                            constexprs.update(ACTIVATION=ACTIVATION_IDS[activation], HAS_B_DOWN=True,
-                                              HAS_B_CONV=True, HAS_COND=True)
-                        if kernel == "forward":
-                            constexprs["HAS_B_UP"] = True
-                        yield (kernel, _KERNELS[kernel], constexprs, {"maxnreg": config.maxnreg},
-                               config.num_warps, config.num_stages, config.name, dtype, c, ca)
+                        for activation in (activations if kernel != "backward_input" else ("-",)):
+                            constexprs = dict(KT=kernel_t, CA_PAD=configs.ca_pad(ca), DOT_PRECISION=precision,
+                                              BLOCK_P=config.block_p, BLOCK_C=config.block_c,
+                                              BLOCK_A=configs.block_a(ca))
+                            if kernel != "backward_input":
+                                constexprs.update(ACTIVATION=ACTIVATION_IDS[activation], HAS_B_DOWN=True,
+                                                  HAS_B_CONV=True, HAS_COND=True)
+                            if kernel == "forward":
+                                constexprs["HAS_B_UP"] = True
+                            yield (kernel, _KERNELS[kernel], constexprs, {"maxnreg": config.maxnreg},
+                                   config.num_warps, config.num_stages, config.name, dtype, c, ca, activation)
                 config = configs.OUTER_PRODUCT[2 if dtype != "fp32" else 4]
                 constexprs = dict(DOT_PRECISION=precision, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
                                   BLOCK_A=config.block_a)
                 yield ("weight_gradient", token_outer_product_kernel, constexprs, {}, config.num_warps,
-                       config.num_stages, config.name, dtype, c, ca)
+                       config.num_stages, config.name, dtype, c, ca, "-")
 
 
 def inspect(archs, channels=DEFAULT_CHANNELS, bottlenecks=DEFAULT_BOTTLENECKS, dtypes=("bf16", "fp16"),
-            kernel_t=3, activation="gelu", cubin_dir: Path | None = None) -> list[Row]:
+            kernel_t=3, activations=("gelu",), cubin_dir: Path | None = None) -> list[Row]:
     """Compile every shipped config for each architecture and return its resource usage."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter cannot compile kernels ahead of time")
@@ -147,8 +149,8 @@ def inspect(archs, channels=DEFAULT_CHANNELS, bottlenecks=DEFAULT_BOTTLENECKS, d
     rows, compiled = [], {}
     for arch in archs:
         number = _arch_number(arch)
-        for kernel, fn, constexprs, options, warps, stages, config_name, dtype, c, ca in _jobs(
-                channels, bottlenecks, dtypes, kernel_t, activation):
+        for kernel, fn, constexprs, options, warps, stages, config_name, dtype, c, ca, activation in _jobs(
+                channels, bottlenecks, dtypes, kernel_t, activations):
             # C and Ca are runtime arguments: shapes that share CA_PAD share one binary.
             key = (number, kernel, tuple(sorted(constexprs.items())), tuple(options.items()), warps, stages, dtype)
             if key not in compiled:
@@ -159,19 +161,23 @@ def inspect(archs, channels=DEFAULT_CHANNELS, bottlenecks=DEFAULT_BOTTLENECKS, d
                 compiled[key] = (_resource_usage(binary.asm["cubin"]), binary.metadata.shared)
                 if cubin_dir is not None:
                     cubin_dir.mkdir(parents=True, exist_ok=True)
-                    name = f"{kernel}_sm{number}_{dtype}_capad{constexprs.get('CA_PAD', 'any')}_kt{kernel_t}_{config_name}"
+                    act = "" if activation == "-" else f"_{activation}"
+                    name = (f"{kernel}_sm{number}_{dtype}{act}_capad{constexprs.get('CA_PAD', 'any')}_kt{kernel_t}_"
+                            f"{config_name}")
                     (cubin_dir / f"{name}.cubin").write_bytes(binary.asm["cubin"])
             usage, shared = compiled[key]
             rows.append(Row(f"sm_{number}", kernel, config_name, dtype, c, ca, kernel_t, usage.get("REG", -1),
-                            usage.get("LOCAL", 0), usage.get("STACK", 0), shared, warps))
+                            usage.get("LOCAL", 0), usage.get("STACK", 0), shared, warps, activation))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("arch", "kernel", "config", "dtype", "C", "Ca", "kt", "regs", "local", "stack", "smem", "warps", "")
+    header = ("arch", "kernel", "config", "dtype", "act", "C", "Ca", "kt", "regs", "local", "stack", "smem", "warps",
+              "")
     lines = [header] + [
-        (r.arch, r.kernel, r.config, r.dtype, str(r.channels), str(r.bottleneck), str(r.kernel_t), str(r.registers),
-         str(r.local_bytes), str(r.stack_bytes), str(r.shared_bytes), str(r.warps), "SPILLS" if r.spills else "")
+        (r.arch, r.kernel, r.config, r.dtype, r.activation, str(r.channels), str(r.bottleneck), str(r.kernel_t),
+         str(r.registers), str(r.local_bytes), str(r.stack_bytes), str(r.shared_bytes), str(r.warps),
+         "SPILLS" if r.spills else "")
         for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
@@ -200,8 +206,9 @@ def main(argv=None) -> int:
                         help="comma-separated bottleneck widths Ca (default: 64,128,192,256,384)")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32 (default: %(default)s)")
     parser.add_argument("--kt", type=int, default=3, choices=(1, 3, 5), help="temporal kernel size (default: 3)")
-    parser.add_argument("--activation", default="gelu", choices=tuple(ACTIVATIONS),
-                        help="activation compiled in (default: gelu, among the costliest in registers)")
+    parser.add_argument("--activation", default="gelu,relu",
+                        help="comma-separated activations compiled in (default: %(default)s: gelu is among the "
+                             "costliest in registers, relu's backward keeps a float32 bottleneck ring)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON to FILE")
     parser.add_argument("--cubin-dir", type=Path, metavar="DIR",
                         help="write each compiled cubin to DIR, named by kernel, arch, dtype and config")
@@ -211,7 +218,11 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         if dtype not in _DTYPE_NAMES:
             parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPE_NAMES)}")
-    rows = inspect(args.arch.split(","), args.channels, args.bottlenecks, dtypes, args.kt, args.activation,
+    activations = tuple(args.activation.split(","))
+    for activation in activations:
+        if activation not in ACTIVATIONS:
+            parser.error(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+    rows = inspect(args.arch.split(","), args.channels, args.bottlenecks, dtypes, args.kt, activations,
                    args.cubin_dir)
     print(format_table(rows))
     if args.json is not None:

@@ -3,9 +3,10 @@
 Tile sizes are chosen per kernel and per CA_PAD (Ca rounded up to a power of two): register
 use grows with BLOCK_P and the BLOCK_A chunk of the bottleneck, and what fits moves with the
 architecture. Every config listed here was compiled ahead of time for sm_80 and sm_90 and
-shows no spill (LOCAL and STACK both 0) with the gelu activation, for bf16 and fp16 at kt = 3,
-bf16 at kt = 1 and 5, and fp32 (as tf32) at kt = 3;
-`tests/triton/test_resources.py` keeps it that way for sm_90 and kt = 3, and
+shows no spill (LOCAL and STACK both 0) with the gelu and relu activations (relu's backward has
+a float32 ring, see `ring_dtype`), for bf16 and fp16 at kt = 3, and with gelu for bf16 at kt = 1
+and 5 and fp32 (as tf32) at kt = 3; `tests/triton/test_resources.py` keeps it that way for
+sm_90 and kt = 3, and
 `python -m stadapter_kernels.inspect` prints the table.
 """
 

@@ -568,17 +568,22 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// Output frames [t0, t1) of one tile. The ring starts kt//2 frames before t0, so a run of
+// frames computes exactly what a run over all T frames computes for them: the same GEMM calls
+// on the same rows, the same conv terms. That makes the split of T free to follow the thread
+// count without changing a bit of the output.
 template <typename scalar_t, Activation A>
 void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<scalar_t>& out,
-                  float scale, int64_t tile_index, Scratch<scalar_t>& w) {
+                  float scale, int64_t tile_index, int64_t t0, int64_t t1, Scratch<scalar_t>& w) {
   const int64_t b = s.video_of(tile_index), p0 = s.first_patch(tile_index), rows = s.rows_of(tile_index);
   const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels;
   const float* up_bias = p.fc2_bias.data_ptr<float>();
+  const int64_t first = std::max<int64_t>(0, t0 - s.half), last = std::min(s.frames, t1 + s.half);
   // Step `step` projects frame `step` down and finishes frame `step - half`, whose window is complete.
-  for (int64_t step = 0; step < s.frames + s.half; ++step) {
-    if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
+  for (int64_t step = first; step < t1 + s.half; ++step) {
+    if (step < last) down_projection(s, p, x, b, step, l0, rows, w);
     const int64_t t = step - s.half;
-    if (t < 0) continue;
+    if (t < t0) continue;
     if (s.native_gemm) {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, nullptr, w.row_u);
       gemm(w.narrow_out, c_dim, block(w.narrow_a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
@@ -763,13 +768,18 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
     using scalar_t = decltype(zero);
     const auto x_rows = rows_of<const scalar_t>(x);
     const auto out_rows = rows_of<scalar_t>(out);
+    // With fewer tiles than threads (few clips, many cores), T is split into runs too, each
+    // re-projecting its kt//2-frame halo: the output is the same for any split (see forward_tile).
+    const int64_t runs = std::clamp<int64_t>((at::get_num_threads() + s.tiles - 1) / s.tiles, 1, s.frames);
     with_activation(act, [&](auto a) {
-      at::parallel_for(0, s.tiles, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, s.tiles * runs, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
         Scratch<scalar_t> w(s, /*backward=*/false);
         for (int64_t i = begin; i < end; ++i) {
-          forward_tile<scalar_t, decltype(a)::value>(s, p, x_rows, out_rows, static_cast<float>(scale), i, w);
+          const int64_t run = i % runs, t0 = run * s.frames / runs, t1 = (run + 1) * s.frames / runs;
+          forward_tile<scalar_t, decltype(a)::value>(s, p, x_rows, out_rows, static_cast<float>(scale), i / runs,
+                                                     t0, t1, w);
         }
       });
     });

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
-from parity import INPUT_NAMES, Case, call, make_inputs
+from parity import INPUT_NAMES, Case, assert_matches_oracle, call, make_inputs
 from stadapter_kernels import fused_cpp
 
 pytestmark = pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason=str(fused_cpp._BUILD_ERROR))
@@ -52,3 +52,31 @@ def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeyp
     assert torch.equal(out1, out2)
     for name, g1, g2 in zip([n for n in INPUT_NAMES if inputs[n] is not None], grads1, grads2):
         assert torch.equal(g1, g2), name
+
+
+# One tile (batch 1, P <= 100): with more threads than tiles the forward also splits T into runs
+# that each re-project a kt//2 halo. The output must not change with the split, and must match
+# the oracle; T < threads and kt > T stress the run edges.
+SPLIT_CASES = [
+    Case(batch=1, frames=5, kernel_t=3, cond=True),
+    Case(batch=1, frames=4, kernel_t=5),
+    Case(batch=1, frames=2, kernel_t=5, activation="silu"),
+    Case(batch=1, frames=7, kernel_t=1, activation="relu"),
+    Case(batch=1, frames=6, kernel_t=3, dtype=torch.bfloat16, layout="lnc", prefix=0, tokens=10),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_forward_split_over_frames_changes_no_bit(case):
+    inputs = make_inputs(case, seed=5)
+    out1, grads1 = run(case, inputs, 1)
+    out4, grads4 = run(case, inputs, 4)
+    assert torch.equal(out1, out4)
+    for g1, g4 in zip(grads1, grads4):
+        assert torch.equal(g1, g4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert_matches_oracle(case, backend="cpp")
+    finally:
+        torch.set_num_threads(previous)

@@ -1,12 +1,13 @@
 """Measure the C++ CPU backend against its GEMM floor and the official ST-Adapter data flow.
 
     PYTHONPATH=. .venv/bin/python tools/measure_cpp.py [--dtypes fp32,bf16] [--bottlenecks 384,128]
-        [--rounds 9] [--tile-sweep 49,66,98,196]
+        [--rounds 9] [--tile-sweep 49,66,98,196] [--batch 2] [--tokens 197] [--threads N]
 
 ViT-B/16 adapter shapes (issue 4): B=2 videos x T=8 frames of L=197 tokens (prefix 1), C=768,
-kt=3. For each dtype and Ca, in one process, every candidate runs once per round in a rotating
-order (interleaved, so load from other processes hits all of them alike) and the medians over
-rounds are compared:
+kt=3; --batch and --tokens change B and L (e.g. --batch 1 --tokens 50: one tile per frame).
+For each dtype and Ca, in one process, every candidate runs once per round in a rotating order
+(interleaved, so load from other processes hits all of them alike) and the medians over rounds
+are compared:
 
     floor fwd      torch.mm on the forward's 2 GEMM shapes
     floor fwd+bwd  torch.mm on the 6 GEMM shapes of forward + backward
@@ -145,12 +146,20 @@ def raw_op(inputs, tile, backward):
 
 
 def main():
+    global BATCH, TOKENS  # the shape every helper above reads; --batch and --tokens set it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--bottlenecks", default="384,128")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tile-sweep", default="", help="comma-separated patch rows per tile to time")
+    parser.add_argument("--batch", type=int, default=BATCH, help="videos B (default %(default)s)")
+    parser.add_argument("--tokens", type=int, default=TOKENS,
+                        help="tokens per frame L, a class token and a square grid (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    BATCH, TOKENS = args.batch, args.tokens
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()} B={BATCH} T={FRAMES} L={TOKENS} C={CHANNELS} kt={KERNEL_T}, "
           f"medians of {args.rounds} interleaved rounds")
     for dtype_name in args.dtypes.split(","):

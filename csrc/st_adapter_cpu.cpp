@@ -770,7 +770,9 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
     const auto out_rows = rows_of<scalar_t>(out);
     // With fewer tiles than threads (few clips, many cores), T is split into runs too, each
     // re-projecting its kt//2-frame halo: the output is the same for any split (see forward_tile).
-    const int64_t runs = std::clamp<int64_t>((at::get_num_threads() + s.tiles - 1) / s.tiles, 1, s.frames);
+    // Called from inside a parallel region, parallel_for runs inline, where runs would only add halos.
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t runs = std::clamp<int64_t>((threads + s.tiles - 1) / s.tiles, 1, s.frames);
     with_activation(act, [&](auto a) {
       at::parallel_for(0, s.tiles * runs, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;

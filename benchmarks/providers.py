@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import stadapter_kernels
+from stadapter_kernels.fused_cpp import cpu_has_native_gemm
 
 from . import config
 
@@ -191,22 +192,13 @@ def _floor_case(shape: Shape, dtype: torch.dtype, device: str, grad: bool) -> Ca
         return torch.mm(dy.T, x)  # dL/dfc1: (Ca x N) @ (N x C)
 
     notes = []
-    if device == "cpu" and dtype != torch.float32 and not _native_cpu_gemm(dtype):
+    if device == "cpu" and dtype != torch.float32 and not cpu_has_native_gemm(dtype):
         # CPUs without native bf16/fp16 GEMMs (AVX2 ones) run these torch.mm calls far below
         # their float32 speed, while a fused kernel may widen its tiles to float32.
         notes.append(f"torch.mm in {dtype} on CPU ({torch.backends.cpu.get_cpu_capability()}): "
                      "not a lower bound without native low-precision GEMMs")
     return Case(run=forward_backward if grad else forward, backend="torch.mm x6" if grad else "torch.mm x2",
                 notes=notes)
-
-
-def _native_cpu_gemm(dtype: torch.dtype) -> bool:
-    """Whether torch.mm in this 16-bit dtype runs on the CPU's own instructions (oneDNN)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    check = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-             torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
-    return check is not None and check()
 
 
 def compiled(fn: Callable, notes: list[str]) -> Callable:

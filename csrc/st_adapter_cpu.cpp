@@ -644,7 +644,11 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
         first_fc2 = false;
       }
-      add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.row);
+      if (s.native_gemm) {
+        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.row);
+      } else {  // the rows are already widened for the GEMM
+        add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale, w.row);
+      }
       // dz = da * act'(z), kept in the ring for the conv-input gradient; conv weight/bias grads.
       float* dz = w.ring_dz + s.slot(t) * slot_size;
       for (int64_t i = 0; i < rows * ca; i += kVec) {

@@ -39,10 +39,16 @@ tile_patches = 0
 #: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN with the
 #: CPU's bf16/fp16 instructions: avx512_bf16, AMX, avx512_fp16), False = widened to float32 (MKL).
 #: The default is what this CPU runs natively; tests force each path.
-native_gemm = {
-    torch.bfloat16: torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    torch.float16: torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
-}
+def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch's GEMMs in this 16-bit dtype run on the CPU's own instructions (oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    check = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+             torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+    return check is not None and check()
+
+
+native_gemm = {dtype: cpu_has_native_gemm(dtype) for dtype in (torch.bfloat16, torch.float16)}
 
 
 def unavailable_reason(spec: AdapterSpec) -> str | None:

@@ -27,6 +27,8 @@ from .activations import ACTIVATIONS
 
 DEFAULT_CHANNELS = (768, 1024)
 DEFAULT_BOTTLENECKS = (64, 128, 192, 256, 384)
+#: gelu is among the costliest in registers; relu's backward keeps a float32 bottleneck ring.
+DEFAULT_ACTIVATIONS = ("gelu", "relu")
 _DTYPE_NAMES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Pointer arguments that are fp32 work buffers whatever the input dtype.
@@ -138,7 +140,7 @@ def _jobs(channels, bottlenecks, dtypes, kernel_t, activations):
 
 
 def inspect(archs, channels=DEFAULT_CHANNELS, bottlenecks=DEFAULT_BOTTLENECKS, dtypes=("bf16", "fp16"),
-            kernel_t=3, activations=("gelu",), cubin_dir: Path | None = None) -> list[Row]:
+            kernel_t=3, activations=DEFAULT_ACTIVATIONS, cubin_dir: Path | None = None) -> list[Row]:
     """Compile every shipped config for each architecture and return its resource usage."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter cannot compile kernels ahead of time")
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
                         help="comma-separated bottleneck widths Ca (default: 64,128,192,256,384)")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32 (default: %(default)s)")
     parser.add_argument("--kt", type=int, default=3, choices=(1, 3, 5), help="temporal kernel size (default: 3)")
-    parser.add_argument("--activation", default="gelu,relu",
+    parser.add_argument("--activation", default=",".join(DEFAULT_ACTIVATIONS),
                         help="comma-separated activations compiled in (default: %(default)s: gelu is among the "
                              "costliest in registers, relu's backward keeps a float32 bottleneck ring)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON to FILE")

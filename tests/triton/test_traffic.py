@@ -23,14 +23,13 @@ from stadapter_kernels.fused_triton import configs
 
 @contextlib.contextmanager
 def recorded_accesses():
-    """Yield (loads, stores): lists of (byte addresses touched, element size) per memory op."""
+    """Yield (loads, stores): the byte addresses each memory op touched, one array per op."""
     builder = interpreter.InterpreterBuilder
     original_load, original_store = builder.create_masked_load, builder.create_masked_store
     loads, stores = [], []
 
     def touched(ptrs, mask):
-        addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
-        return addresses.astype(np.uint64), ptrs.get_element_ty().primitive_bitwidth // 8
+        return ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64)
 
     def load(self, ptrs, mask, *args):
         loads.append(touched(ptrs, mask))
@@ -47,15 +46,10 @@ def recorded_accesses():
         builder.create_masked_load, builder.create_masked_store = original_load, original_store
 
 
-def addresses(tensor: torch.Tensor) -> np.ndarray:
-    """Byte address of every element of a contiguous tensor."""
-    return tensor.data_ptr() + np.arange(tensor.numel(), dtype=np.uint64) * tensor.element_size()
-
-
 def counts(accesses, tensor: torch.Tensor) -> np.ndarray:
     """How often each element of `tensor` was touched, in its (contiguous) element order."""
     start = tensor.data_ptr()
-    touched = np.concatenate([a for a, _ in accesses]) if accesses else np.zeros(0, np.uint64)
+    touched = np.concatenate(accesses) if accesses else np.zeros(0, np.uint64)
     inside = touched[(touched >= start) & (touched < start + tensor.numel() * tensor.element_size())]
     index = ((inside - np.uint64(start)) // np.uint64(tensor.element_size())).astype(np.int64)
     return np.bincount(index, minlength=tensor.numel()).reshape(tensor.shape)
@@ -83,7 +77,7 @@ def test_forward_reads_x_per_chunk_and_writes_out_once(bottleneck):
 
     # Everything else written is the per-program ring of kt bottleneck tiles plus the activated tile.
     out_range = (out.data_ptr(), out.data_ptr() + out.numel() * out.element_size())
-    elsewhere = np.unique(np.concatenate([a for a, _ in stores]))
+    elsewhere = np.unique(np.concatenate(stores))
     elsewhere = elsewhere[(elsewhere < out_range[0]) | (elsewhere >= out_range[1])]
     block_p = configs.configs_for("forward", bottleneck)[0].block_p
     ring_elements = configs.INTERPRETER_PROGRAMS * (case.kernel_t + 1) * block_p * configs.ca_pad(bottleneck)

@@ -54,9 +54,15 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 
-// Patch rows per tile (per frame) aimed at: large enough that a tile GEMM (rows x 768 x Ca)
-// runs near MKL's large-matrix speed, small enough that a thread's working set stays in L2/L3.
-constexpr int64_t kTargetTilePatches = 100;
+// Patch rows per tile (per frame) at most: a ViT-B/16 frame's 196 patches make one tile, whose
+// GEMMs (196 x 768 x Ca) run at large-matrix speed with half the per-call overhead (argument
+// setup, weight packing in oneDNN) of two 98-row tiles, while the working set (kt frames of the
+// bottleneck) still fits a core's L2. Measured with tools/measure_cpp.py --tile-sweep.
+constexpr int64_t kMaxTilePatches = 200;
+// Tiles per call at least (frames split in patch runs when there are fewer videos): the backward
+// is parallel over tiles only, and the tiling may depend on the shape alone, not the thread count
+// (see Determinism above), so a single clip still gets two tiles for a dual-core CPU.
+constexpr int64_t kMinTiles = 2;
 // Upper bound on the number of weight-gradient partials of the backward (each Ca x C floats,
 // twice): enough groups to keep every core busy, few enough that summing them is cheap.
 constexpr int64_t kMaxReductionGroups = 8;
@@ -171,8 +177,9 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   TORCH_CHECK(s.patches > 0, "stadapter_cpp: prefix must be smaller than L");
   if (tile_patches > 0) {
     s.tile = tile_patches;
-  } else {  // ceil(P / target) tiles of equal size, so no tile is a tiny, inefficient remainder
-    const int64_t count = (s.patches + kTargetTilePatches - 1) / kTargetTilePatches;
+  } else {  // tiles of equal size, so no tile is a tiny, inefficient remainder
+    const int64_t count = std::min(s.patches, std::max((s.patches + kMaxTilePatches - 1) / kMaxTilePatches,
+                                                       (kMinTiles + s.batch - 1) / s.batch));
     s.tile = (s.patches + count - 1) / count;
   }
   s.tiles_per_video = (s.patches + s.tile - 1) / s.tile;
@@ -286,6 +293,38 @@ void widen(const scalar_t* src, float* dst, int64_t n) {
   }
 }
 
+// y[r, :] += bias for a (rows x n) contiguous block.
+void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n) {
+  for (const auto r : c10::irange(rows)) {
+    float* row = y + r * n;
+    int64_t c = 0;
+    for (; c + kVec <= n; c += kVec) (Vec::loadu(row + c) + Vec::loadu(bias + c)).store(row + c);
+    for (; c < n; ++c) row[c] += bias[c];
+  }
+}
+
+// dst[r, :] = float32(src[r, :]) + bias for a (rows x n) contiguous 16-bit block, in one pass.
+template <typename scalar_t>
+void widen_add_bias(const scalar_t* src, const float* bias, float* dst, int64_t rows, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy_n(src, rows * n, dst);
+    add_row_bias(dst, bias, rows, n);
+  } else {
+    using HalfVec = at::vec::Vectorized<scalar_t>;
+    for (const auto r : c10::irange(rows)) {
+      const scalar_t* in = src + r * n;
+      float* out = dst + r * n;
+      int64_t c = 0;
+      for (; c + HalfVec::size() <= n; c += HalfVec::size()) {
+        const auto [low, high] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(in + c));
+        (low + Vec::loadu(bias + c)).store(out + c);
+        (high + Vec::loadu(bias + c + kVec)).store(out + c + kVec);
+      }
+      for (; c < n; ++c) out[c] = static_cast<float>(in[c]) + bias[c];
+    }
+  }
+}
+
 // The rows as float32: the source itself for float32, else widened into `buffer` (ld = cols).
 template <typename scalar_t>
 const float* widen_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* buffer,
@@ -316,6 +355,28 @@ const float* as_float(const scalar_t* src, int64_t n, float* scratch) {
 template <typename scalar_t, typename U>
 void residual_row(scalar_t* dst, const scalar_t* residual, const U* u_row, const float* bias, float scale,
                   int64_t n, float* scratch, float* scratch_u) {
+  if constexpr (!std::is_same_v<scalar_t, float> && std::is_same_v<U, scalar_t>) {
+    // All-16-bit operands (native GEMMs): one pass, the same float32 arithmetic and one rounding
+    // as the widening path below. This row loop is the forward's largest element-wise cost.
+    using HalfVec = at::vec::Vectorized<scalar_t>;
+    const Vec vscale(scale);
+    int64_t c = 0;
+    for (; c + HalfVec::size() <= n; c += HalfVec::size()) {
+      auto [r0, r1] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(residual + c));
+      auto [u0, u1] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(u_row + c));
+      if (bias) {
+        u0 = u0 + Vec::loadu(bias + c);
+        u1 = u1 + Vec::loadu(bias + c + kVec);
+      }
+      at::vec::convert_from_float<scalar_t>(at::vec::fmadd(vscale, u0, r0), at::vec::fmadd(vscale, u1, r1))
+          .store(dst + c);
+    }
+    for (; c < n; ++c) {
+      const float u = static_cast<float>(u_row[c]) + (bias ? bias[c] : 0.0f);
+      dst[c] = static_cast<scalar_t>(static_cast<float>(residual[c]) + scale * u);
+    }
+    return;
+  }
   const float* r = as_float(residual, n, scratch);
   const float* u = as_float(u_row, n, scratch_u);
   float* o = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dst) : scratch;
@@ -348,15 +409,6 @@ void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t c
   }
 }
 
-// y[r, :] += bias for a (rows x n) contiguous block.
-void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n) {
-  for (const auto r : c10::irange(rows)) {
-    float* row = y + r * n;
-    int64_t c = 0;
-    for (; c + kVec <= n; c += kVec) (Vec::loadu(row + c) + Vec::loadu(bias + c)).store(row + c);
-    for (; c < n; ++c) row[c] += bias[c];
-  }
-}
 
 // The window of frame t: z = conv_bias + sum_j taps[j] * y[t + j - half] (zero padding in T),
 // a = act(z) (float32, or rounded to 16 bits through `row_scratch`, Ca floats), and act'(z)
@@ -554,10 +606,7 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
   const float* bias = p.row_bias.data_ptr<float>() + b * ca;
   if (s.native_gemm) {
     gemm(w.narrow_out, ca, block(x.row(b, f, l0), rows, s.channels, x.stride_l), p.fc1_weight.t(), 1.0f, 0.0f);
-    for (const auto r : c10::irange(rows)) {  // widened and biased row by row, while in L1
-      widen(w.narrow_out + r * ca, y + r * ca, ca);
-      add_row_bias(y + r * ca, bias, 1, ca);
-    }
+    widen_add_bias(w.narrow_out, bias, y, rows, ca);
   } else {
     gemm(y, ca, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(), 1.0f, 0.0f);
     add_row_bias(y, bias, rows, ca);

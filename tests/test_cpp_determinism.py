@@ -54,7 +54,7 @@ def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeyp
         assert torch.equal(g1, g2), name
 
 
-# One tile (batch 1, P <= 100): with more threads than tiles the forward also splits T into runs
+# Fewer tiles than threads (batch 1 gets two tiles): with 4 threads the forward also splits T into runs
 # that each re-project a kt//2 halo. The output must not change with the split, and must match
 # the oracle; T < threads and kt > T stress the run edges.
 SPLIT_CASES = [

@@ -32,6 +32,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/irange.h>
 
 #include <omp.h>
@@ -159,6 +160,10 @@ struct Shape {
   int64_t rows_of(int64_t tile_index) const { return std::min(tile, patches - first_patch(tile_index)); }
   // Ring-buffer slot of frame f: the last kt frames are alive at any step.
   int64_t slot(int64_t frame) const { return frame % kernel_t; }
+  // The taps j whose frame t + j - half lies in the clip (zero padding in T elsewhere).
+  std::pair<int64_t, int64_t> taps_in_clip(int64_t t) const {
+    return {std::max<int64_t>(0, half - t), std::min(kernel_t, frames - t + half)};
+  }
 };
 
 Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bottleneck, int64_t prefix,
@@ -410,16 +415,26 @@ void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t c
 }
 
 
+// The ring block of each tap j in [j_lo, j_hi), at frame frame_of(j), resolved once per frame:
+// the ring slot is a modulo, far too slow for the channel loops.
+template <typename T, typename FrameOf>
+c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, int64_t j_lo, int64_t j_hi, FrameOf frame_of) {
+  c10::SmallVector<T*, 8> blocks;
+  for (int64_t j = j_lo; j < j_hi; ++j) blocks.push_back(ring + s.slot(frame_of(j)) * s.tile * s.bottleneck);
+  return blocks;
+}
+
 // The window of frame t: z = conv_bias + sum_j taps[j] * y[t + j - half] (zero padding in T),
 // a = act(z) (float32, or rounded to 16 bits through `row_scratch`, Ca floats), and act'(z)
 // into `derivative` when it is non-null.
 template <Activation A, typename OutT>
 void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64_t t, int64_t rows, OutT* a,
                      float* derivative, float* row_scratch) {
-  const int64_t ca = s.bottleneck, slot_size = s.tile * ca;
+  const int64_t ca = s.bottleneck;
   const float* taps = p.taps.data_ptr<float>();
   const float* bias = p.conv_bias.data_ptr<float>();
-  const int64_t j_lo = std::max<int64_t>(0, s.half - t), j_hi = std::min(s.kernel_t, s.frames - t + s.half);
+  const auto [j_lo, j_hi] = s.taps_in_clip(t);
+  const auto window = ring_blocks(s, ring_y, j_lo, j_hi, [&](int64_t j) { return t + j - s.half; });
   for (const auto r : c10::irange(rows)) {
     float* a_row = row_scratch;
     if constexpr (std::is_same_v<OutT, float>) a_row = a + r * ca;
@@ -427,8 +442,7 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
       const int64_t n = std::min(kVec, ca - c);
       Vec z = Vec::loadu(bias + c, n);
       for (int64_t j = j_lo; j < j_hi; ++j) {
-        const float* y = ring_y + s.slot(t + j - s.half) * slot_size + r * ca + c;
-        z = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(y, n), z);
+        z = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(window[j - j_lo] + r * ca + c, n), z);
       }
       Vec d;
       activate<A>(z, derivative ? &d : nullptr).store(a_row + c, n);
@@ -704,15 +718,15 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         const int64_t n = std::min(kVec, rows * ca - i);
         (Vec::loadu(w.bottleneck_grad + i, n) * Vec::loadu(w.derivative + i, n)).store(dz + i, n);
       }
+      const auto [j_lo, j_hi] = s.taps_in_clip(t);
+      const auto window = ring_blocks(s, w.ring_y, j_lo, j_hi, [&](int64_t j) { return t + j - s.half; });
       for (const auto r : c10::irange(rows)) {
         const float* dz_row = dz + r * ca;
         for (int64_t c = 0; c < ca; c += kVec) {
           const int64_t n = std::min(kVec, ca - c);
           const Vec dzv = Vec::loadu(dz_row + c, n);
-          for (int64_t j = 0; j < s.kernel_t; ++j) {
-            const int64_t f = t + j - s.half;
-            if (f < 0 || f >= s.frames) continue;
-            const Vec y = Vec::loadu(w.ring_y + s.slot(f) * slot_size + r * ca + c, n);
+          for (int64_t j = j_lo; j < j_hi; ++j) {
+            const Vec y = Vec::loadu(window[j - j_lo] + r * ca + c, n);
             at::vec::fmadd(dzv, y, Vec::loadu(d_conv + j * ca + c, n)).store(d_conv + j * ca + c, n);
           }
           float* bias_acc = d_conv + s.kernel_t * ca + c;
@@ -726,13 +740,14 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       // dy[u] = sum_j taps[j] * dz[u - j + half].
       float* dy = w.bottleneck_grad;
       const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1)), j_hi = std::min(s.kernel_t, u + s.half + 1);
+      const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), j_lo, j_hi,
+                                      [&](int64_t j) { return u - j + s.half; });
       for (const auto r : c10::irange(rows)) {
         for (int64_t c = 0; c < ca; c += kVec) {
           const int64_t n = std::min(kVec, ca - c);
           Vec acc(0.0f);
           for (int64_t j = j_lo; j < j_hi; ++j) {
-            const float* dz = w.ring_dz + s.slot(u - j + s.half) * slot_size + r * ca + c;
-            acc = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(dz, n), acc);
+            acc = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(window[j - j_lo] + r * ca + c, n), acc);
           }
           acc.store(dy + r * ca + c, n);
         }

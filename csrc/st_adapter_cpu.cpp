@@ -67,6 +67,11 @@ constexpr int64_t kMinTiles = 2;
 // Upper bound on the number of weight-gradient partials of the backward (each Ca x C floats,
 // twice): enough groups to keep every core busy, few enough that summing them is cheap.
 constexpr int64_t kMaxReductionGroups = 8;
+// Frames per weight-gradient GEMM of the native-GEMM backward (K = frames x tile rows): one
+// 16-bit rounding per chunk rather than per frame, and a bound on the gathered operands' scratch
+// for long clips. (Float32 accumulates per frame in the GEMM: gathering its operands measured 1%
+// slower, the copies costing more than the accumulator traffic they save.)
+constexpr int64_t kWeightGradChunkFrames = 8;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
 
@@ -154,6 +159,7 @@ struct Shape {
   int64_t tiles_per_video;  // ceil(patches / tile)
   int64_t tiles;            // batch * tiles_per_video
   bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
+  int64_t grad_chunk;       // frames per weight-gradient GEMM of the native backward
 
   int64_t video_of(int64_t tile_index) const { return tile_index / tiles_per_video; }
   int64_t first_patch(int64_t tile_index) const { return (tile_index % tiles_per_video) * tile; }
@@ -178,6 +184,7 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   s.prefix = prefix;
   s.patches = s.tokens - prefix;
   s.kernel_t = conv_weight.size(2);
+  s.grad_chunk = std::min(s.frames, kWeightGradChunkFrames);
   s.half = s.kernel_t / 2;
   TORCH_CHECK(s.patches > 0, "stadapter_cpp: prefix must be smaller than L");
   if (tile_patches > 0) {
@@ -501,11 +508,13 @@ template <typename scalar_t>
 struct Scratch {
   float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *derivative = nullptr, *bottleneck_grad = nullptr;
   float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row = nullptr, *row_u = nullptr;
-  // native_gemm only: a GEMM's 16-bit result, the 16-bit bottleneck operand of the forward's
-  // up-projection, and the backward's per-tile weight-gradient operands over all T frames
-  // (rows ordered by frame, then patch) and their 16-bit product.
-  scalar_t *narrow_out = nullptr, *narrow_a = nullptr, *frames_g = nullptr, *frames_a = nullptr;
-  scalar_t *frames_x = nullptr, *frames_dy = nullptr, *weight_grad = nullptr;
+  // native_gemm only: a GEMM's 16-bit result and the 16-bit bottleneck operand of the forward's
+  // up-projection.
+  scalar_t *narrow_out = nullptr, *narrow_a = nullptr;
+  // native_gemm backward only: the weight-gradient operands of a chunk of frames (rows ordered by
+  // frame, then patch), and their 16-bit product.
+  scalar_t *frames_g = nullptr, *frames_a = nullptr, *frames_x = nullptr, *frames_dy = nullptr;
+  scalar_t* weight_grad = nullptr;
 
   Scratch(const Shape& s, bool backward) {
     lease_ = ArenaLease(ArenaSlot::kTileScratch, carve(s, backward, 0));  // a dry run from 0 measures it
@@ -544,10 +553,10 @@ struct Scratch {
       take(narrow_a, tile_ca);
     }
     if (s.native_gemm && backward) {
-      take(frames_g, s.frames * tile_c);
-      take(frames_x, s.frames * tile_c);
-      take(frames_a, s.frames * tile_ca);
-      take(frames_dy, s.frames * tile_ca);
+      take(frames_g, s.grad_chunk * tile_c);
+      take(frames_x, s.grad_chunk * tile_c);
+      take(frames_a, s.grad_chunk * tile_ca);
+      take(frames_dy, s.grad_chunk * tile_ca);
       take(weight_grad, s.channels * s.bottleneck);
     }
     return next - base;
@@ -664,6 +673,16 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
 // Backward
 // ---------------------------------------------------------------------------------------------
 
+// d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k gathered 16-bit rows,
+// lhs (k x m) and rhs (k x n), through one rounded product per chunk (`product`, m x n): partial
+// sums over chunks are never rounded.
+template <typename scalar_t>
+void add_weight_grad(float* d_weight, const scalar_t* lhs, int64_t m, const scalar_t* rhs, int64_t n, int64_t k,
+                     float alpha, bool assign, scalar_t* product) {
+  gemm(product, n, block(lhs, k, m, m).t(), block(rhs, k, n, n), alpha, 0.0f);
+  accumulate_widened(d_weight, product, m * n, assign);
+}
+
 // Float32 accumulators of one reduction group (matrices) and of one tile (vectors).
 struct GradPartials {
   at::Tensor fc1_weight;  // (groups, Ca, C)
@@ -699,9 +718,15 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
       // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
       gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
-      if (s.native_gemm) {  // d fc2_weight waits for the tile's last frame
-        conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t * rows * ca, w.derivative, w.row_u);
-        copy_rows(w.frames_g + t * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
+      const int64_t t_in_chunk = t % s.grad_chunk;
+      if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, w.derivative, w.row_u);
+        copy_rows(w.frames_g + t_in_chunk * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
+        if (t_in_chunk == s.grad_chunk - 1 || t == s.frames - 1) {
+          add_weight_grad(d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale, first_fc2,
+                          w.weight_grad);
+          first_fc2 = false;
+        }
       } else {
         conv_activation<A>(s, p, w.ring_y, t, rows, w.a, w.derivative, w.row_u);
         gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
@@ -738,6 +763,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
     const int64_t u = step - 2 * s.half;
     if (u >= 0) {
       // dy[u] = sum_j taps[j] * dz[u - j + half].
+      const int64_t u_in_chunk = u % s.grad_chunk;
       float* dy = w.bottleneck_grad;
       const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1)), j_hi = std::min(s.kernel_t, u + s.half + 1);
       const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), j_lo, j_hi,
@@ -755,9 +781,9 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f, w.row);
       const scalar_t* x_rows = x.row(b, u, l0);
       const at::Tensor dy_block =
-          bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy + u * rows * ca : nullptr);
-      if (s.native_gemm) {  // d fc1_weight waits for the tile's last frame
-        copy_rows(w.frames_x + u * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
+          bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);
+      if (s.native_gemm) {  // d fc1_weight waits for the chunk's last frame
+        copy_rows(w.frames_x + u_in_chunk * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
       } else {
         const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x);
         gemm(d_fc1_weight, c_dim, dy_block.t(), x_block, 1.0f, first_fc1 ? 0.0f : 1.0f);
@@ -772,19 +798,12 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         residual_rows(dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f, c_dim, w);
       }
       if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
+      if (s.native_gemm && (u_in_chunk == s.grad_chunk - 1 || u == s.frames - 1)) {
+        add_weight_grad(d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f, first_fc1,
+                        w.weight_grad);
+        first_fc1 = false;
+      }
     }
-  }
-
-  if (s.native_gemm) {
-    // The weight gradients over all frames of the tile at once (K = T x rows): one 16-bit
-    // rounding per tile, added to the group's float32 partials.
-    const int64_t k = s.frames * rows;
-    scalar_t* product = w.weight_grad;
-    gemm(product, ca, block(w.frames_g, k, c_dim, c_dim).t(), block(w.frames_a, k, ca, ca), scale, 0.0f);
-    accumulate_widened(d_fc2_weight, product, c_dim * ca, first_in_group);
-    gemm(product, c_dim, block(w.frames_dy, k, ca, ca).t(), block(w.frames_x, k, c_dim, c_dim), 1.0f,
-         0.0f);
-    accumulate_widened(d_fc1_weight, product, ca * c_dim, first_in_group);
   }
 }
 

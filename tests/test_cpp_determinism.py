@@ -28,10 +28,12 @@ CASES = [
     (Case(cond=True), 3),
     # 2 x 10 tiles: 20 tiles in 8 groups of 2-3 tiles
     (Case(cond=True, activation="silu"), 1),
-    # one tile in all: the single-task path of at::parallel_for
-    (Case(batch=1, cond=True), 0),
+    # one tile in all (P = 10): the single-task path of at::parallel_for
+    (Case(batch=1, cond=True), 10),
     # one tile with GEMMs large enough for oneDNN / MKL to split them over threads if let
-    (Case(batch=1, frames=3, tokens=97, channels=256, bottleneck=128, dtype=torch.bfloat16), 0),
+    (Case(batch=1, frames=3, tokens=97, channels=256, bottleneck=128, dtype=torch.bfloat16), 96),
+    # 11 frames: the native backward's weight gradients in chunks of 8 + 3 frames
+    (Case(batch=1, frames=11, dtype=torch.bfloat16, cond=True), 0),
     # ViT-like frame, the kernel's own tiling, the benchmark's bottleneck
     (Case(batch=2, frames=4, tokens=197, channels=64, bottleneck=384, activation="identity"), 0),
     (Case(dtype=torch.bfloat16, layout="lnc", cond=True), 3),

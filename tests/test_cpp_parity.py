@@ -26,6 +26,8 @@ GRID = (
        for frames, kt in ((1, 1), (1, 3), (1, 5), (2, 5), (3, 3), (8, 3), (4, 5), (5, 1))]
     + [(BASE.with_(activation=activation), 3) for activation in sk.ACTIVATIONS]
     + [(BASE.with_(activation=activation, dtype=torch.bfloat16), 3) for activation in sk.ACTIVATIONS]
+    # 11 frames: the native backward's weight gradients in chunks of 8 + 3 frames
+    + [(BASE.with_(frames=11, dtype=torch.bfloat16, cond=True), 0)]
     + [(BASE.with_(cond=True), 3), (BASE.with_(biases=False, cond=True, scale=2.0), 4),
        (BASE.with_(biases=False), 0)]
     + [(BASE.with_(bottleneck=ca, channels=c), 3) for ca, c in ((24, 40), (48, 40), (384, 40), (20, 13), (48, 64))]
@@ -34,7 +36,8 @@ GRID = (
     # 8 reduction groups of (Ca x C) float32 partials, twice: 34 MB, past the per-thread arena cap,
     # so the backward's partials take the per-call allocation path.
     + [(Case(batch=8, frames=1, tokens=2, channels=1024, bottleneck=520), 0)]
-    # ViT-like frame (14 x 14 patches + class token), the kernel's own tiling: two tiles per frame.
+    # ViT-like frame (14 x 14 patches + class token), the kernel's own tiling: one clip gets two tiles
+    # per frame, two clips one each.
     + [(Case(batch=1, frames=4, tokens=197, channels=64, bottleneck=48, activation="identity"), 0),
        (Case(batch=2, frames=2, tokens=197, channels=40, bottleneck=24, dtype=torch.bfloat16, cond=True), 0)]
 )

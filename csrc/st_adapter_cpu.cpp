@@ -407,17 +407,36 @@ void copy_rows(scalar_t* dst, int64_t dst_ld, const scalar_t* src, int64_t src_l
   for (const auto r : c10::irange(rows)) std::copy_n(src + r * src_ld, cols, dst + r * dst_ld);
 }
 
-// acc[c] += alpha * sum_r m[r, c], rows summed in order; 16-bit rows are widened through `scratch`
-// (cols floats).
+// acc[c] += alpha * sum_r m[r, c], rows summed in order, 16-bit rows widened in registers; with
+// `copy`, the rows are also copied there (rows x cols, contiguous) in the same pass.
 template <typename T>
-void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t cols, float alpha, float* scratch) {
+void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t cols, float alpha,
+                     T* copy = nullptr) {
+  const Vec valpha(alpha);
   for (const auto r : c10::irange(rows)) {
-    const float* row = as_float(m + r * ld, cols, scratch);
+    const T* row = m + r * ld;
+    T* copy_row = copy ? copy + r * cols : nullptr;
     int64_t c = 0;
-    for (; c + kVec <= cols; c += kVec) {
-      at::vec::fmadd(Vec(alpha), Vec::loadu(row + c), Vec::loadu(acc + c)).store(acc + c);
+    if constexpr (std::is_same_v<T, float>) {
+      for (; c + kVec <= cols; c += kVec) {
+        const Vec v = Vec::loadu(row + c);
+        if (copy_row) v.store(copy_row + c);
+        at::vec::fmadd(valpha, v, Vec::loadu(acc + c)).store(acc + c);
+      }
+    } else {
+      using HalfVec = at::vec::Vectorized<T>;
+      for (; c + HalfVec::size() <= cols; c += HalfVec::size()) {
+        const HalfVec h = HalfVec::loadu(row + c);
+        if (copy_row) h.store(copy_row + c);
+        const auto [low, high] = at::vec::convert_to_float<T>(h);
+        at::vec::fmadd(valpha, low, Vec::loadu(acc + c)).store(acc + c);
+        at::vec::fmadd(valpha, high, Vec::loadu(acc + c + kVec)).store(acc + c + kVec);
+      }
     }
-    for (; c < cols; ++c) acc[c] += alpha * row[c];
+    for (; c < cols; ++c) {
+      if (copy_row) copy_row[c] = row[c];
+      acc[c] += alpha * static_cast<float>(row[c]);
+    }
   }
 }
 
@@ -431,12 +450,21 @@ c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, int64_t j_lo, int64
   return blocks;
 }
 
+// What the backward adds to conv_activation's pass over a frame, while the window is in registers
+// and L1: dz = da * act'(z), and the conv gradients d_conv[j] += dz * y[t + j - half] and
+// d_conv[kt] += dz (the bias), rows summed in order.
+struct ConvBackward {
+  const float* da;  // (rows x Ca)
+  float* dz;        // (rows x Ca)
+  float* d_conv;    // (kt + 1) x Ca
+};
+
 // The window of frame t: z = conv_bias + sum_j taps[j] * y[t + j - half] (zero padding in T),
-// a = act(z) (float32, or rounded to 16 bits through `row_scratch`, Ca floats), and act'(z)
-// into `derivative` when it is non-null.
+// a = act(z) (float32, or rounded to 16 bits through `row_scratch`, Ca floats), and with
+// `backward` its gradients (see ConvBackward).
 template <Activation A, typename OutT>
 void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64_t t, int64_t rows, OutT* a,
-                     float* derivative, float* row_scratch) {
+                     const ConvBackward* backward, float* row_scratch) {
   const int64_t ca = s.bottleneck;
   const float* taps = p.taps.data_ptr<float>();
   const float* bias = p.conv_bias.data_ptr<float>();
@@ -451,9 +479,20 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
       for (int64_t j = j_lo; j < j_hi; ++j) {
         z = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(window[j - j_lo] + r * ca + c, n), z);
       }
-      Vec d;
-      activate<A>(z, derivative ? &d : nullptr).store(a_row + c, n);
-      if (derivative) d.store(derivative + r * ca + c, n);
+      if (!backward) {
+        activate<A>(z, nullptr).store(a_row + c, n);
+        continue;
+      }
+      Vec derivative;
+      activate<A>(z, &derivative).store(a_row + c, n);
+      const Vec dz = Vec::loadu(backward->da + r * ca + c, n) * derivative;
+      dz.store(backward->dz + r * ca + c, n);
+      for (int64_t j = j_lo; j < j_hi; ++j) {
+        float* acc = backward->d_conv + j * ca + c;
+        at::vec::fmadd(dz, Vec::loadu(window[j - j_lo] + r * ca + c, n), Vec::loadu(acc, n)).store(acc, n);
+      }
+      float* bias_acc = backward->d_conv + s.kernel_t * ca + c;
+      (Vec::loadu(bias_acc, n) + dz).store(bias_acc, n);
     }
     if constexpr (!std::is_same_v<OutT, float>) at::vec::convert(row_scratch, a + r * ca, ca);
   }
@@ -506,7 +545,7 @@ class ArenaLease {
 // rings and per-frame blocks in float32, and with native_gemm the 16-bit GEMM operands and results.
 template <typename scalar_t>
 struct Scratch {
-  float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *derivative = nullptr, *bottleneck_grad = nullptr;
+  float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *bottleneck_grad = nullptr;
   float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row = nullptr, *row_u = nullptr;
   // native_gemm only: a GEMM's 16-bit result and the 16-bit bottleneck operand of the forward's
   // up-projection.
@@ -544,7 +583,6 @@ struct Scratch {
     }
     if (backward) {
       take(ring_dz, s.kernel_t * tile_ca);
-      take(derivative, tile_ca);
       take(bottleneck_grad, tile_ca);
       if (!s.native_gemm) take(wide_g, tile_c);
     }
@@ -718,45 +756,25 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
       // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
       gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
+      // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
+      const ConvBackward conv_backward{w.bottleneck_grad, w.ring_dz + s.slot(t) * slot_size, d_conv};
       const int64_t t_in_chunk = t % s.grad_chunk;
       if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
-        conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, w.derivative, w.row_u);
-        copy_rows(w.frames_g + t_in_chunk * rows * c_dim, c_dim, g_rows, g.stride_l, rows, c_dim);
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
+        // d fc2_bias += sum of d_up, gathering g for d fc2_weight in the same pass.
+        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.frames_g + t_in_chunk * rows * c_dim);
         if (t_in_chunk == s.grad_chunk - 1 || t == s.frames - 1) {
           add_weight_grad(d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale, first_fc2,
                           w.weight_grad);
           first_fc2 = false;
         }
       } else {
-        conv_activation<A>(s, p, w.ring_y, t, rows, w.a, w.derivative, w.row_u);
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.a, &conv_backward, w.row_u);
         gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
         first_fc2 = false;
       }
-      if (s.native_gemm) {
-        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.row);
-      } else {  // the rows are already widened for the GEMM
-        add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale, w.row);
-      }
-      // dz = da * act'(z), kept in the ring for the conv-input gradient; conv weight/bias grads.
-      float* dz = w.ring_dz + s.slot(t) * slot_size;
-      for (int64_t i = 0; i < rows * ca; i += kVec) {
-        const int64_t n = std::min(kVec, rows * ca - i);
-        (Vec::loadu(w.bottleneck_grad + i, n) * Vec::loadu(w.derivative + i, n)).store(dz + i, n);
-      }
-      const auto [j_lo, j_hi] = s.taps_in_clip(t);
-      const auto window = ring_blocks(s, w.ring_y, j_lo, j_hi, [&](int64_t j) { return t + j - s.half; });
-      for (const auto r : c10::irange(rows)) {
-        const float* dz_row = dz + r * ca;
-        for (int64_t c = 0; c < ca; c += kVec) {
-          const int64_t n = std::min(kVec, ca - c);
-          const Vec dzv = Vec::loadu(dz_row + c, n);
-          for (int64_t j = j_lo; j < j_hi; ++j) {
-            const Vec y = Vec::loadu(window[j - j_lo] + r * ca + c, n);
-            at::vec::fmadd(dzv, y, Vec::loadu(d_conv + j * ca + c, n)).store(d_conv + j * ca + c, n);
-          }
-          float* bias_acc = d_conv + s.kernel_t * ca + c;
-          (Vec::loadu(bias_acc, n) + dzv).store(bias_acc, n);
-        }
+      if (!s.native_gemm) {  // the rows are already widened for the GEMM
+        add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale);
       }
     }
 
@@ -778,7 +796,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
           acc.store(dy + r * ca + c, n);
         }
       }
-      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f, w.row);
+      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f);
       const scalar_t* x_rows = x.row(b, u, l0);
       const at::Tensor dy_block =
           bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);

@@ -72,6 +72,11 @@ constexpr int64_t kMaxReductionGroups = 8;
 // for long clips. (Float32 accumulates per frame in the GEMM: gathering its operands measured 1%
 // slower, the copies costing more than the accumulator traffic they save.)
 constexpr int64_t kWeightGradChunkFrames = 8;
+// Native-GEMM forward: frames per GEMM so that each GEMM's bottleneck block is about this many
+// elements. oneDNN's bf16 GEMMs with a narrow bottleneck run well below speed on one frame's
+// rows (196 x 768 x 128: 27% slower than 784 rows at once; at Ca = 384 the same) and give each
+// row the same result whatever the rows around it, so batching frames changes no bit.
+constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
 
@@ -160,12 +165,17 @@ struct Shape {
   int64_t tiles;            // batch * tiles_per_video
   bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
   int64_t grad_chunk;       // frames per weight-gradient GEMM of the native backward
+  int64_t up_frames;        // frames per up-projection GEMM of the forward
+  int64_t down_frames;      // frames per down-projection GEMM of the forward (back-to-back rows only)
+  int64_t ring_frames;      // frames of y alive in the ring: kt, plus the frames projected ahead
 
   int64_t video_of(int64_t tile_index) const { return tile_index / tiles_per_video; }
   int64_t first_patch(int64_t tile_index) const { return (tile_index % tiles_per_video) * tile; }
   int64_t rows_of(int64_t tile_index) const { return std::min(tile, patches - first_patch(tile_index)); }
-  // Ring-buffer slot of frame f: the last kt frames are alive at any step.
-  int64_t slot(int64_t frame) const { return frame % kernel_t; }
+  // Ring-buffer slots of frame f: the y ring holds the window and the frames projected ahead, the
+  // dz ring of the backward the last kt frames.
+  int64_t y_slot(int64_t frame) const { return frame % ring_frames; }
+  int64_t dz_slot(int64_t frame) const { return frame % kernel_t; }
   // The taps j whose frame t + j - half lies in the clip (zero padding in T elsewhere).
   std::pair<int64_t, int64_t> taps_in_clip(int64_t t) const {
     return {std::max<int64_t>(0, half - t), std::min(kernel_t, frames - t + half)};
@@ -196,6 +206,15 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   }
   s.tiles_per_video = (s.patches + s.tile - 1) / s.tile;
   s.tiles = s.batch * s.tiles_per_video;
+  // Float32 (MKL) results depend on the rows around: one frame per GEMM there, so that a split of
+  // T (see forward_tile) changes no bit. The down-projection's rows of several frames are one
+  // strided block only when a tile is a whole frame's patches and frames lie back to back
+  // (the prefix rows between them are projected too, and dropped).
+  const int64_t batch_frames = std::clamp<int64_t>(kBatchBottleneckElements / (s.tile * bottleneck), 1, s.frames);
+  s.up_frames = s.native_gemm ? batch_frames : 1;
+  const bool back_to_back = s.tile == s.patches && x.stride(1) == s.tokens * x.stride(2);
+  s.down_frames = back_to_back ? s.up_frames : 1;
+  s.ring_frames = s.kernel_t + s.down_frames - 1;
   return s;
 }
 
@@ -444,9 +463,11 @@ void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t c
 // The ring block of each tap j in [j_lo, j_hi), at frame frame_of(j), resolved once per frame:
 // the ring slot is a modulo, far too slow for the channel loops.
 template <typename T, typename FrameOf>
-c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, int64_t j_lo, int64_t j_hi, FrameOf frame_of) {
+c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, bool ring_is_y, int64_t j_lo, int64_t j_hi,
+                                    FrameOf frame_of) {
   c10::SmallVector<T*, 8> blocks;
-  for (int64_t j = j_lo; j < j_hi; ++j) blocks.push_back(ring + s.slot(frame_of(j)) * s.tile * s.bottleneck);
+  const int64_t slots = ring_is_y ? s.ring_frames : s.kernel_t;
+  for (int64_t j = j_lo; j < j_hi; ++j) blocks.push_back(ring + frame_of(j) % slots * s.tile * s.bottleneck);
   return blocks;
 }
 
@@ -469,7 +490,7 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
   const float* taps = p.taps.data_ptr<float>();
   const float* bias = p.conv_bias.data_ptr<float>();
   const auto [j_lo, j_hi] = s.taps_in_clip(t);
-  const auto window = ring_blocks(s, ring_y, j_lo, j_hi, [&](int64_t j) { return t + j - s.half; });
+  const auto window = ring_blocks(s, ring_y, /*ring_is_y=*/true, j_lo, j_hi, [&](int64_t j) { return t + j - s.half; });
   for (const auto r : c10::irange(rows)) {
     float* a_row = row_scratch;
     if constexpr (std::is_same_v<OutT, float>) a_row = a + r * ca;
@@ -573,7 +594,7 @@ struct Scratch {
       next += count * sizeof(T);
     };
     const int64_t tile_ca = s.tile * s.bottleneck, tile_c = s.tile * s.channels;
-    take(ring_y, s.kernel_t * tile_ca);
+    take(ring_y, s.ring_frames * tile_ca);
     take(row, s.channels);
     take(row_u, std::max(s.channels, s.bottleneck));
     if (!s.native_gemm) {
@@ -587,8 +608,9 @@ struct Scratch {
       if (!s.native_gemm) take(wide_g, tile_c);
     }
     if (s.native_gemm) {
-      take(narrow_out, s.tile * std::max(s.channels, s.bottleneck));
-      take(narrow_a, tile_ca);
+      const int64_t down_rows = (s.down_frames - 1) * s.tokens + s.tile;
+      take(narrow_out, std::max({s.tile * s.channels, down_rows * s.bottleneck, s.up_frames * tile_c}));
+      take(narrow_a, s.up_frames * tile_ca);
     }
     if (s.native_gemm && backward) {
       take(frames_g, s.grad_chunk * tile_c);
@@ -658,20 +680,27 @@ void residual_rows(const Rows<scalar_t>& dst, const Rows<const scalar_t>& residu
   }
 }
 
-// y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into its ring slot.
+// y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into the ring slot of each frame f in [f0, f1):
+// with several frames (s.down_frames > 1: frames back to back), one GEMM over their rows from
+// the first patch of f0 to the last of f1 - 1, the prefix rows between frames included and dropped.
 template <typename scalar_t>
-void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f,
-                     int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
+void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f0,
+                     int64_t f1, int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
   const int64_t ca = s.bottleneck;
-  float* y = w.ring_y + s.slot(f) * s.tile * ca;
   const float* bias = p.row_bias.data_ptr<float>() + b * ca;
   if (s.native_gemm) {
-    gemm(w.narrow_out, ca, block(x.row(b, f, l0), rows, s.channels, x.stride_l), p.fc1_weight.t(), 1.0f, 0.0f);
-    widen_add_bias(w.narrow_out, bias, y, rows, ca);
-  } else {
-    gemm(y, ca, rows_operand(s, x.row(b, f, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(), 1.0f, 0.0f);
-    add_row_bias(y, bias, rows, ca);
+    const int64_t gemm_rows = (f1 - f0 - 1) * s.tokens + rows;
+    gemm(w.narrow_out, ca, block(x.row(b, f0, l0), gemm_rows, s.channels, x.stride_l), p.fc1_weight.t(), 1.0f,
+         0.0f);
+    for (int64_t f = f0; f < f1; ++f) {
+      widen_add_bias(w.narrow_out + (f - f0) * s.tokens * ca, bias, w.ring_y + s.y_slot(f) * s.tile * ca, rows, ca);
+    }
+    return;
   }
+  TORCH_INTERNAL_ASSERT(f1 == f0 + 1, "stadapter_cpp: float32 GEMMs take one frame at a time");
+  float* y = w.ring_y + s.y_slot(f0) * s.tile * ca;
+  gemm(y, ca, rows_operand(s, x.row(b, f0, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(), 1.0f, 0.0f);
+  add_row_bias(y, bias, rows, ca);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,15 +718,28 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
   const int64_t l0 = s.prefix + p0, ca = s.bottleneck, c_dim = s.channels;
   const float* up_bias = p.fc2_bias.data_ptr<float>();
   const int64_t first = std::max<int64_t>(0, t0 - s.half), last = std::min(s.frames, t1 + s.half);
-  // Step `step` projects frame `step` down and finishes frame `step - half`, whose window is complete.
+  int64_t projected = first;  // frames [first, projected) are in the ring
+  int64_t up_first = t0;      // frames [up_first, t] wait in narrow_a for their up-projection
+  // Step `step` makes sure frame `step` is projected down (with down_frames - 1 frames ahead) and
+  // finishes frame `step - half`, whose window is complete.
   for (int64_t step = first; step < t1 + s.half; ++step) {
-    if (step < last) down_projection(s, p, x, b, step, l0, rows, w);
+    if (step < last && step == projected) {
+      projected = std::min(last, step + s.down_frames);
+      down_projection(s, p, x, b, step, projected, l0, rows, w);
+    }
     const int64_t t = step - s.half;
     if (t < t0) continue;
     if (s.native_gemm) {
-      conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, nullptr, w.row_u);
-      gemm(w.narrow_out, c_dim, block(w.narrow_a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
-      residual_rows(out, x, b, t, l0, rows, w.narrow_out, up_bias, scale, c_dim, w);
+      conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a + (t - up_first) * rows * ca, nullptr, w.row_u);
+      if (t - up_first + 1 == s.up_frames || t == t1 - 1) {  // one GEMM for the waiting frames
+        const int64_t count = t - up_first + 1;
+        gemm(w.narrow_out, c_dim, block(w.narrow_a, count * rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+        for (int64_t f = up_first; f <= t; ++f) {
+          residual_rows(out, x, b, f, l0, rows, w.narrow_out + (f - up_first) * rows * c_dim, up_bias, scale, c_dim,
+                        w);
+        }
+        up_first = t + 1;
+      }
     } else {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u);
       gemm(w.wide_out, c_dim, block(w.a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
@@ -748,7 +790,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
   // activation and up-projection gradients (its y window is complete); take frame
   // u = step - 2 half through the conv-input gradient (its dz window is complete) and fc1.
   for (int64_t step = 0; step < s.frames + 2 * s.half; ++step) {
-    if (step < s.frames) down_projection(s, p, x, b, step, l0, rows, w);
+    if (step < s.frames) down_projection(s, p, x, b, step, step + 1, l0, rows, w);
 
     const int64_t t = step - s.half;
     if (t >= 0 && t < s.frames) {
@@ -757,7 +799,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
       gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
       // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
-      const ConvBackward conv_backward{w.bottleneck_grad, w.ring_dz + s.slot(t) * slot_size, d_conv};
+      const ConvBackward conv_backward{w.bottleneck_grad, w.ring_dz + s.dz_slot(t) * slot_size, d_conv};
       const int64_t t_in_chunk = t % s.grad_chunk;
       if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
         conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
@@ -784,7 +826,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       const int64_t u_in_chunk = u % s.grad_chunk;
       float* dy = w.bottleneck_grad;
       const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1)), j_hi = std::min(s.kernel_t, u + s.half + 1);
-      const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), j_lo, j_hi,
+      const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), /*ring_is_y=*/false, j_lo, j_hi,
                                       [&](int64_t j) { return u - j + s.half; });
       for (const auto r : c10::irange(rows)) {
         for (int64_t c = 0; c < ca; c += kVec) {

@@ -58,18 +58,26 @@ def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeyp
 
 # Fewer tiles than threads (batch 1 gets two tiles): with 4 threads the forward also splits T into runs
 # that each re-project a kt//2 halo. The output must not change with the split, and must match
-# the oracle; T < threads and kt > T stress the run edges.
+# the oracle; T < threads and kt > T stress the run edges. (case, patch rows per tile, 0 = the
+# kernel's choice): one whole-frame tile (P = 10) of back-to-back frames makes the native forward
+# project several frames per GEMM, in blocks that start where each run starts.
 SPLIT_CASES = [
-    Case(batch=1, frames=5, kernel_t=3, cond=True),
-    Case(batch=1, frames=4, kernel_t=5),
-    Case(batch=1, frames=2, kernel_t=5, activation="silu"),
-    Case(batch=1, frames=7, kernel_t=1, activation="relu"),
-    Case(batch=1, frames=6, kernel_t=3, dtype=torch.bfloat16, layout="lnc", prefix=0, tokens=10),
+    (Case(batch=1, frames=5, kernel_t=3, cond=True), 0),
+    (Case(batch=1, frames=4, kernel_t=5), 0),
+    (Case(batch=1, frames=2, kernel_t=5, activation="silu"), 0),
+    (Case(batch=1, frames=7, kernel_t=1, activation="relu"), 0),
+    (Case(batch=1, frames=6, kernel_t=3, dtype=torch.bfloat16, layout="lnc", prefix=0, tokens=10), 0),
+    (Case(batch=1, frames=9, kernel_t=3, dtype=torch.bfloat16, cond=True), 10),
+    (Case(batch=1, frames=9, kernel_t=5, dtype=torch.bfloat16, layout="btlc", prefix=2, tokens=12), 10),
 ]
+SPLIT_GEMM_CASES = [(case, tile, native) for case, tile in SPLIT_CASES
+                    for native in ((False,) if case.dtype == torch.float32 else (False, True))]
 
 
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
-def test_forward_split_over_frames_changes_no_bit(case):
+@pytest.mark.parametrize("case, tile, native_gemm", SPLIT_GEMM_CASES, ids=str)
+def test_forward_split_over_frames_changes_no_bit(case, tile, native_gemm, monkeypatch):
+    monkeypatch.setattr(fused_cpp, "tile_patches", tile)
+    monkeypatch.setitem(fused_cpp.native_gemm, case.dtype, native_gemm)
     inputs = make_inputs(case, seed=5)
     out1, grads1 = run(case, inputs, 1)
     out4, grads4 = run(case, inputs, 4)

@@ -28,6 +28,9 @@ GRID = (
     + [(BASE.with_(activation=activation, dtype=torch.bfloat16), 3) for activation in sk.ACTIVATIONS]
     # 11 frames: the native backward's weight gradients in chunks of 8 + 3 frames
     + [(BASE.with_(frames=11, dtype=torch.bfloat16, cond=True), 0)]
+    # whole-frame tiles of 88 patches x Ca = 384: the native forward's GEMMs take 3 frames at once
+    # (frames 0-2, 3-5, 6-8, 9-10)
+    + [(Case(frames=11, tokens=89, channels=16, bottleneck=384, dtype=torch.bfloat16, cond=True), 0)]
     + [(BASE.with_(cond=True), 3), (BASE.with_(biases=False, cond=True, scale=2.0), 4),
        (BASE.with_(biases=False), 0)]
     + [(BASE.with_(bottleneck=ca, channels=c), 3) for ca, c in ((24, 40), (48, 40), (384, 40), (20, 13), (48, 64))]

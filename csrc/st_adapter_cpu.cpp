@@ -1,12 +1,14 @@
 // Fused CPU kernels of the spatio-temporal adapter: forward, and a backward that recomputes the
 // bottleneck from x.
 //
-// Work is split into tiles of (one video, a run of patch positions) with a tiling that depends
-// only on the shape, never on the thread count. A tile walks the T frames and keeps the
-// temporal window of the bottleneck (kt frames of tile x Ca floats) in a ring buffer, so nothing
-// of tokens x Ca elements is ever written to memory: per frame, the down-projection, the
-// depthwise temporal conv + activation (at::vec) and the up-projection with the residual add
-// fused into its epilogue all run on cache-resident blocks.
+// Work is split into tiles of (one video, a run of patch positions: a whole frame's patches
+// where that leaves enough tiles) with a tiling that depends only on the shape, never on the
+// thread count. A tile walks the T frames and keeps the temporal window of the bottleneck (kt
+// frames of tile x Ca floats, plus any frames projected ahead) in a ring buffer, so nothing of
+// tokens x Ca elements is ever written to memory: per frame, the down-projection, the depthwise
+// temporal conv + activation (at::vec) and the up-projection with the residual add fused into
+// its epilogue all run on cache-resident blocks. With a narrow bottleneck, native 16-bit GEMMs
+// take a few consecutive frames at once (see kBatchBottleneckElements).
 //
 // Element-wise arithmetic (bias, conv, activation, residual, gradient partials) is float32.
 // The GEMMs of bfloat16/float16 inputs run one of two ways, chosen per call (`native_gemm`):
@@ -23,7 +25,10 @@
 // Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
 // MKL and OpenMP pinned to one thread, see SequentialBlas), and weight-gradient partials are
 // accumulated per reduction group (a fixed run of tiles) and summed in group order, so results
-// are bit-identical for any thread count.
+// are bit-identical for any thread count. The forward may also split T into runs with the thread
+// count (see forward_tile): each frame's GEMM rows then meet other rows in a multi-frame GEMM,
+// which oneDNN's 16-bit GEMMs compute row by row alike (checked by the split tests); float32's
+// MKL does not, so float32 keeps one frame per GEMM.
 #include "st_adapter_cpu.h"
 
 #include <ATen/ATen.h>
@@ -708,9 +713,10 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
 // ---------------------------------------------------------------------------------------------
 
 // Output frames [t0, t1) of one tile. The ring starts kt//2 frames before t0, so a run of
-// frames computes exactly what a run over all T frames computes for them: the same GEMM calls
-// on the same rows, the same conv terms. That makes the split of T free to follow the thread
-// count without changing a bit of the output.
+// frames computes exactly what a run over all T frames computes for them: the same GEMM rows
+// (grouped into other multi-frame GEMMs, whose rows do not depend on each other, see the top of
+// this file), the same conv terms. That makes the split of T free to follow the thread count
+// without changing a bit of the output.
 template <typename scalar_t, Activation A>
 void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x, const Rows<scalar_t>& out,
                   float scale, int64_t tile_index, int64_t t0, int64_t t1, Scratch<scalar_t>& w) {

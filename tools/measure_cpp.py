@@ -3,6 +3,8 @@
     PYTHONPATH=. .venv/bin/python tools/measure_cpp.py [--dtypes fp32,bf16] [--bottlenecks 384,128]
         [--rounds 9] [--tile-sweep 49,66,98,196] [--batch 2] [--tokens 197] [--threads N]
 
+Each ratio is printed with issue 4's target for it (met / NOT met).
+
 ViT-B/16 adapter shapes (issue 4): B=2 videos x T=8 frames of L=197 tokens (prefix 1), C=768,
 kt=3; --batch and --tokens change B and L (e.g. --batch 1 --tokens 50: one tile per frame).
 For each dtype and Ca, in one process, every candidate runs once per round in a rotating order
@@ -36,6 +38,18 @@ from benchmarks.providers import OfficialAdapter
 
 BATCH, FRAMES, TOKENS, PREFIX, CHANNELS, KERNEL_T = 2, 8, 197, 1, 768, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# Issue 4's targets: cpp / floor at most, and official / cpp at least (where the issue sets one).
+FLOOR_TARGETS = {"fwd": 1.10, "fwd+bwd": 1.20}
+SPEEDUP_TARGETS = {("bf16", "fwd"): 1.4, ("bf16", "fwd+bwd"): 2.2, ("fp32", "fwd+bwd"): 1.3}
+
+
+def verdict(value, target, at_most=False):
+    if target is None:
+        return ""
+    met = value <= target if at_most else value >= target
+    return f"({'<=' if at_most else '>='} {target}: {'met' if met else 'NOT met'})"
 
 
 def make_inputs(dtype, bottleneck, seed=0):
@@ -184,8 +198,9 @@ def main():
             m = interleaved_medians(candidates, args.rounds)
             print(f"\n{dtype_name} Ca={bottleneck}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
             for phase in ("fwd", "fwd+bwd"):
-                print(f"  {phase:8s} cpp / floor = {m[f'cpp {phase}'] / m[f'floor {phase}']:.3f}   "
-                      f"official / cpp = {m[f'official {phase}'] / m[f'cpp {phase}']:.2f}x"
+                floor_ratio, speedup = m[f"cpp {phase}"] / m[f"floor {phase}"], m[f"official {phase}"] / m[f"cpp {phase}"]
+                print(f"  {phase:8s} cpp / floor = {floor_ratio:.3f} {verdict(floor_ratio, FLOOR_TARGETS[phase], True)}   "
+                      f"official / cpp = {speedup:.2f}x {verdict(speedup, SPEEDUP_TARGETS.get((dtype_name, phase)))}"
                       + (f"   cpp / fp32 floor = {m[f'cpp {phase}'] / m[f'fp32 floor {phase}']:.3f}"
                          if f"fp32 floor {phase}" in m else ""))
             for tile in filter(None, args.tile_sweep.split(",")):

@@ -132,3 +132,17 @@ def assert_matches_oracle(case: Case, backend: str, device="cpu", tolerance: flo
     failing = {name: err for name, err in errors.items() if not err <= tolerance}
     assert not failing, f"{case} backend={backend}: errors over {tolerance:g}: {failing} (all: {errors})"
     return errors
+
+
+def with_cpp_gemm_paths(cases) -> list:
+    """(case, patch rows per tile) -> (case, tile, native_gemm): bfloat16/float16 cases run both ways
+    the cpp backend runs their GEMMs (widened to float32, and in the 16-bit dtype), float32 its one."""
+    return [(case, tile, native) for case, tile in cases
+            for native in ((False,) if case.dtype == torch.float32 else (False, True))]
+
+
+def force_cpp_path(monkeypatch, dtype: torch.dtype, tile: int, native_gemm: bool) -> None:
+    """Make the cpp backend use this tiling (0: its own) and GEMM path for `dtype` in one test."""
+    from stadapter_kernels import fused_cpp
+    monkeypatch.setattr(fused_cpp, "tile_patches", tile)
+    monkeypatch.setitem(fused_cpp.native_gemm, dtype, native_gemm)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
-from parity import INPUT_NAMES, Case, assert_matches_oracle, call, make_inputs
+from parity import (INPUT_NAMES, Case, assert_matches_oracle, call, force_cpp_path, make_inputs,
+                    with_cpp_gemm_paths)
 from stadapter_kernels import fused_cpp
 
 pytestmark = pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason=str(fused_cpp._BUILD_ERROR))
@@ -40,14 +41,12 @@ CASES = [
 ]
 # bfloat16 cases run both GEMM paths: widened to float32, and native 16-bit GEMMs (oneDNN, which
 # parallelises with OpenMP unless pinned).
-GEMM_CASES = [(case, tile, native) for case, tile in CASES
-              for native in ((False,) if case.dtype == torch.float32 else (False, True))]
+GEMM_CASES = with_cpp_gemm_paths(CASES)
 
 
 @pytest.mark.parametrize("case, tile, native_gemm", GEMM_CASES, ids=str)
 def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeypatch):
-    monkeypatch.setattr(fused_cpp, "tile_patches", tile)
-    monkeypatch.setitem(fused_cpp.native_gemm, case.dtype, native_gemm)
+    force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
     inputs = make_inputs(case, seed=3)
     out1, grads1 = run(case, inputs, 1)
     out2, grads2 = run(case, inputs, 2)
@@ -70,14 +69,12 @@ SPLIT_CASES = [
     (Case(batch=1, frames=9, kernel_t=3, dtype=torch.bfloat16, cond=True), 10),
     (Case(batch=1, frames=9, kernel_t=5, dtype=torch.bfloat16, layout="btlc", prefix=2, tokens=12), 10),
 ]
-SPLIT_GEMM_CASES = [(case, tile, native) for case, tile in SPLIT_CASES
-                    for native in ((False,) if case.dtype == torch.float32 else (False, True))]
+SPLIT_GEMM_CASES = with_cpp_gemm_paths(SPLIT_CASES)
 
 
 @pytest.mark.parametrize("case, tile, native_gemm", SPLIT_GEMM_CASES, ids=str)
 def test_forward_split_over_frames_changes_no_bit(case, tile, native_gemm, monkeypatch):
-    monkeypatch.setattr(fused_cpp, "tile_patches", tile)
-    monkeypatch.setitem(fused_cpp.native_gemm, case.dtype, native_gemm)
+    force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
     inputs = make_inputs(case, seed=5)
     out1, grads1 = run(case, inputs, 1)
     out4, grads4 = run(case, inputs, 4)

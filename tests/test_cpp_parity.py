@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
-from parity import INPUT_NAMES, TOLERANCE, Case, assert_matches_oracle, call, make_inputs, rel_error
+from parity import (INPUT_NAMES, TOLERANCE, Case, assert_matches_oracle, call, force_cpp_path, make_inputs,
+                    rel_error, with_cpp_gemm_paths)
 from stadapter_kernels import fused_cpp
 from stadapter_kernels.reference import oracle
 
@@ -47,14 +48,12 @@ GRID = (
 
 
 # bfloat16/float16 cases run both GEMM paths: widened to float32, and native 16-bit GEMMs.
-GEMM_GRID = [(case, tile, native) for case, tile in GRID
-             for native in ((False,) if case.dtype == torch.float32 else (False, True))]
+GEMM_GRID = with_cpp_gemm_paths(GRID)
 
 
 @pytest.mark.parametrize("case, tile, native_gemm", GEMM_GRID, ids=lambda v: str(v))
 def test_cpp_matches_oracle(case, tile, native_gemm, monkeypatch):
-    monkeypatch.setattr(fused_cpp, "tile_patches", tile)
-    monkeypatch.setitem(fused_cpp.native_gemm, case.dtype, native_gemm)
+    force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
     assert_matches_oracle(case, backend="cpp")
 
 

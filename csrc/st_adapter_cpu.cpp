@@ -464,15 +464,16 @@ void add_column_sums(float* acc, const T* m, int64_t ld, int64_t rows, int64_t c
   }
 }
 
-
 // The ring block of each tap j in [j_lo, j_hi), at frame frame_of(j), resolved once per frame:
 // the ring slot is a modulo, far too slow for the channel loops.
 template <typename T, typename FrameOf>
 c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, bool ring_is_y, int64_t j_lo, int64_t j_hi,
                                     FrameOf frame_of) {
   c10::SmallVector<T*, 8> blocks;
-  const int64_t slots = ring_is_y ? s.ring_frames : s.kernel_t;
-  for (int64_t j = j_lo; j < j_hi; ++j) blocks.push_back(ring + frame_of(j) % slots * s.tile * s.bottleneck);
+  for (int64_t j = j_lo; j < j_hi; ++j) {
+    const int64_t frame = frame_of(j);
+    blocks.push_back(ring + (ring_is_y ? s.y_slot(frame) : s.dz_slot(frame)) * s.tile * s.bottleneck);
+  }
   return blocks;
 }
 

@@ -17,10 +17,10 @@
 //    bf16/fp16 GEMM is a slow fallback.
 //  - native: the GEMMs take the 16-bit operands as they are (oneDNN, avx512_bf16 / AMX / fp16
 //    instructions) and return 16-bit results, which are widened for the element-wise work. Each
-//    GEMM output is rounded once, as nn.Linear in that dtype rounds it (the caller keeps relu's
-//    backward widened, see stadapter_kernels/fused_cpp.py: _native). Weight gradients use
-//    one GEMM per tile over all its frames (K = T x rows) into a 16-bit block that is added to
-//    the float32 partials, so per-frame partial sums are never rounded.
+//    GEMM output is rounded once, as nn.Linear in that dtype rounds it (except relu's backward,
+//    which recomputes y with a float32 GEMM, see st_adapter_backward_cpu). Weight gradients use
+//    one GEMM per chunk of frames (K = frames x rows) into a 16-bit block that is added to the
+//    float32 partials, so partial sums over chunks are never rounded.
 //
 // Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
 // MKL and OpenMP pinned to one thread, see SequentialBlas), and weight-gradient partials are
@@ -169,6 +169,7 @@ struct Shape {
   int64_t tiles_per_video;  // ceil(patches / tile)
   int64_t tiles;            // batch * tiles_per_video
   bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
+  bool widened_down;        // native_gemm, but the down-projection widened to float32 (relu's backward)
   int64_t grad_chunk;       // frames per weight-gradient GEMM of the native backward
   int64_t up_frames;        // frames per up-projection GEMM of the forward
   int64_t down_frames;      // frames per down-projection GEMM of the forward (back-to-back rows only)
@@ -188,9 +189,10 @@ struct Shape {
 };
 
 Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bottleneck, int64_t prefix,
-                 int64_t tile_patches, bool native_gemm) {
+                 int64_t tile_patches, bool native_gemm, bool widened_down = false) {
   Shape s{};
   s.native_gemm = native_gemm && x.scalar_type() != at::kFloat;
+  s.widened_down = s.native_gemm && widened_down;
   s.batch = x.size(0);
   s.frames = x.size(1);
   s.tokens = x.size(2);
@@ -217,7 +219,7 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   // (the prefix rows between them are projected too, and dropped).
   const int64_t batch_frames = std::clamp<int64_t>(kBatchBottleneckElements / (s.tile * bottleneck), 1, s.frames);
   s.up_frames = s.native_gemm ? batch_frames : 1;
-  const bool back_to_back = s.tile == s.patches && x.stride(1) == s.tokens * x.stride(2);
+  const bool back_to_back = s.tile == s.patches && x.stride(1) == s.tokens * x.stride(2) && !s.widened_down;
   s.down_frames = back_to_back ? s.up_frames : 1;
   s.ring_frames = s.kernel_t + s.down_frames - 1;
   return s;
@@ -241,6 +243,7 @@ Rows<T> rows_of(const at::Tensor& t) {
 // dtype with native_gemm), everything else float32.
 struct Params {
   at::Tensor fc1_weight;  // (Ca, C)
+  at::Tensor fc1_weight_wide;  // (Ca, C) float32, for a widened down-projection next to native GEMMs
   at::Tensor row_bias;    // (B, Ca): fc1 bias + cond[b]
   at::Tensor taps;        // (kt, Ca): conv tap j of every channel, contiguous in the channel
   at::Tensor conv_bias;   // (Ca,)
@@ -257,6 +260,7 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
   auto as_gemm = [&](const at::Tensor& t) { return s.native_gemm ? t.contiguous() : as_f32(t); };
   Params p;
   p.fc1_weight = as_gemm(fc1_weight);
+  if (s.widened_down) p.fc1_weight_wide = as_f32(fc1_weight);
   p.fc2_weight = as_gemm(fc2_weight);
   p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
   if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
@@ -605,9 +609,9 @@ struct Scratch {
     take(row_u, std::max(s.channels, s.bottleneck));
     if (!s.native_gemm) {
       take(a, tile_ca);
-      take(wide_x, tile_c);
       take(wide_out, tile_c);
     }
+    if (!s.native_gemm || s.widened_down) take(wide_x, tile_c);
     if (backward) {
       take(ring_dz, s.kernel_t * tile_ca);
       take(bottleneck_grad, tile_ca);
@@ -694,7 +698,7 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
                      int64_t f1, int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
   const int64_t ca = s.bottleneck;
   const float* bias = p.row_bias.data_ptr<float>() + b * ca;
-  if (s.native_gemm) {
+  if (s.native_gemm && !s.widened_down) {
     const int64_t gemm_rows = (f1 - f0 - 1) * s.tokens + rows;
     gemm(w.narrow_out, ca, block(x.row(b, f0, l0), gemm_rows, s.channels, x.stride_l), p.fc1_weight.t(), 1.0f,
          0.0f);
@@ -705,7 +709,10 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
   }
   TORCH_INTERNAL_ASSERT(f1 == f0 + 1, "stadapter_cpp: float32 GEMMs take one frame at a time");
   float* y = w.ring_y + s.y_slot(f0) * s.tile * ca;
-  gemm(y, ca, rows_operand(s, x.row(b, f0, l0), x.stride_l, rows, w.wide_x), p.fc1_weight.t(), 1.0f, 0.0f);
+  int64_t ld = 0;
+  const float* wide = widen_rows(x.row(b, f0, l0), x.stride_l, rows, s.channels, w.wide_x, &ld);
+  const at::Tensor& weight = s.widened_down ? p.fc1_weight_wide : p.fc1_weight;
+  gemm(y, ca, block(wide, rows, s.channels, ld), weight.t(), 1.0f, 0.0f);
   add_row_bias(y, bias, rows, ca);
 }
 
@@ -951,9 +958,14 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
                         double scale, int64_t tile_patches, bool native_gemm) {
   check_inputs(x, dx);
   check_inputs(x, grad_out);
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm);
-  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
   const Activation act = parse_activation(activation);
+  // Native 16-bit GEMMs round the recomputed y, moving z by ~2^-9 of its size. relu' jumps at z = 0:
+  // where the rounding moves z across zero, dz is wrong by all of da, which put 2-5% errors into the
+  // conv, fc1-bias and cond gradients at any size. So relu's backward recomputes y with a float32
+  // GEMM; every other GEMM stays native (their rounding only scales what they feed).
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm,
+                             /*widened_down=*/act == Activation::kRelu);
+  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   // The weight-gradient partials are written whole by each group's first tile (no zeroing).

@@ -63,17 +63,6 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
     return None
 
 
-def _native(dtype: torch.dtype, activation: str, backward: bool) -> bool:
-    """Whether this pass runs its GEMMs in `dtype` (see `native_gemm`).
-
-    Native 16-bit GEMMs round the recomputed y, moving z by ~2^-9 of its size. relu' jumps at
-    z = 0: where the rounding moves z across zero, dz is wrong by all of da, which put 2-3%
-    errors into the conv and fc1-bias gradients at any size. So relu's backward widens; smooth
-    activations only see the rounding itself, and the forward's output is continuous in y.
-    """
-    return native_gemm.get(dtype, False) and not (backward and activation == "relu")
-
-
 def describe(spec: AdapterSpec) -> str | None:
     """How the GEMMs of a bfloat16/float16 call run (float32 calls have one way)."""
     if spec.dtype not in native_gemm:
@@ -83,22 +72,21 @@ def describe(spec: AdapterSpec) -> str | None:
         return (f"{name} GEMMs widened to float32 (MKL): this CPU has no native {name} matrix "
                 "instructions for oneDNN")
     note = f"{name} GEMMs native (oneDNN)"
-    if not _native(spec.dtype, spec.activation, backward=True):
-        note += f"; the backward's widened to float32 for {spec.activation}, whose derivative jumps at 0"
+    if spec.activation == "relu":  # the rule lives in csrc/st_adapter_cpu.cpp: st_adapter_backward_cpu
+        note += "; the backward recomputes the bottleneck with a float32 GEMM, as relu' jumps at 0"
     return note
 
 
 def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options: AdapterOptions) -> None:
     torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, options.prefix, options.activation,
-                                               options.scale, tile_patches,
-                                               _native(x.dtype, options.activation, backward=False))
+                                               options.scale, tile_patches, native_gemm.get(x.dtype, False))
 
 
 def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,
              options: AdapterOptions) -> AdapterTensors:
     grads = torch.ops.stadapter_cpp.st_adapter_backward(dx, grad_out, x, *params, options.prefix,
                                                         options.activation, options.scale, tile_patches,
-                                                        _native(x.dtype, options.activation, backward=True))
+                                                        native_gemm.get(x.dtype, False))
     return AdapterTensors(*grads)
 
 

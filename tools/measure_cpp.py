@@ -146,14 +146,14 @@ def raw_op(inputs, tile, backward):
     out = torch.empty_like(x)
     options = (PREFIX, "identity", 1.0, tile)
     # The GEMM path st_adapter would take (native or widened bf16/fp16 GEMMs).
-    native = {phase: fused_cpp._native(x.dtype, "identity", backward=phase) for phase in (False, True)}
+    native = fused_cpp.native_gemm.get(x.dtype, False)
 
     def run():
         start = time.perf_counter()
-        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native[False])
+        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native)
         if backward:
             torch.ops.stadapter_cpp.st_adapter_backward(torch.empty_like(x), x, x, *params, None, *options,
-                                                        native[True])
+                                                        native)
         return time.perf_counter() - start
 
     return run

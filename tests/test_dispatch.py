@@ -84,3 +84,13 @@ def test_explain_says_how_cpp_runs_bfloat16_gemms(native_gemm, words, monkeypatc
     assert any(words in note for note in choice.notes), choice
     assert words in str(choice)
     assert not explain(CASE, make_inputs(CASE, seed=0), backend="cpp").notes  # float32: nothing to say
+
+
+@pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason="needs the C++ extension")
+def test_explain_says_relu_recomputes_the_bottleneck_in_float32(monkeypatch):
+    monkeypatch.setitem(fused_cpp.native_gemm, torch.bfloat16, True)
+    case = CASE.with_(dtype=torch.bfloat16, activation="relu")
+    choice = explain(case, make_inputs(case, seed=0), backend="cpp")
+    assert any("float32 GEMM" in note for note in choice.notes), choice
+    gelu = CASE.with_(dtype=torch.bfloat16, activation="gelu")
+    assert not any("float32 GEMM" in note for note in explain(gelu, make_inputs(gelu, seed=0), backend="cpp").notes)

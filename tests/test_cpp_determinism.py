@@ -24,6 +24,14 @@ def run(case, inputs, threads):
         torch.set_num_threads(previous)
 
 
+def assert_bit_identical(case, inputs, threads):
+    """Output and every gradient equal, bit for bit, whichever of `threads` thread counts runs them."""
+    (out_a, grads_a), (out_b, grads_b) = (run(case, inputs, n) for n in threads)
+    assert torch.equal(out_a, out_b)
+    for name, grad_a, grad_b in zip([n for n in INPUT_NAMES if inputs[n] is not None], grads_a, grads_b):
+        assert torch.equal(grad_a, grad_b), name
+
+
 CASES = [
     # 2 x 4 tiles of 3 patches (one reduction group per tile)
     (Case(cond=True), 3),
@@ -47,12 +55,7 @@ GEMM_CASES = with_cpp_gemm_paths(CASES)
 @pytest.mark.parametrize("case, tile, native_gemm", GEMM_CASES, ids=str)
 def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeypatch):
     force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
-    inputs = make_inputs(case, seed=3)
-    out1, grads1 = run(case, inputs, 1)
-    out2, grads2 = run(case, inputs, 2)
-    assert torch.equal(out1, out2)
-    for name, g1, g2 in zip([n for n in INPUT_NAMES if inputs[n] is not None], grads1, grads2):
-        assert torch.equal(g1, g2), name
+    assert_bit_identical(case, make_inputs(case, seed=3), threads=(1, 2))
 
 
 # Fewer tiles than threads (batch 1 gets two tiles): with 4 threads the forward also splits T into runs
@@ -75,12 +78,7 @@ SPLIT_GEMM_CASES = with_cpp_gemm_paths(SPLIT_CASES)
 @pytest.mark.parametrize("case, tile, native_gemm", SPLIT_GEMM_CASES, ids=str)
 def test_forward_split_over_frames_changes_no_bit(case, tile, native_gemm, monkeypatch):
     force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
-    inputs = make_inputs(case, seed=5)
-    out1, grads1 = run(case, inputs, 1)
-    out4, grads4 = run(case, inputs, 4)
-    assert torch.equal(out1, out4)
-    for g1, g4 in zip(grads1, grads4):
-        assert torch.equal(g1, g4)
+    assert_bit_identical(case, make_inputs(case, seed=5), threads=(1, 4))
     previous = torch.get_num_threads()
     torch.set_num_threads(4)
     try:

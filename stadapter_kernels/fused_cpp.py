@@ -36,9 +36,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Patch rows per tile; 0 lets the kernel pick from the shape. Tests set it small to exercise
 #: many tiles, partial last tiles and multi-tile weight-gradient groups on tiny shapes.
 tile_patches = 0
-#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN with the
-#: CPU's bf16/fp16 instructions: avx512_bf16, AMX, avx512_fp16), False = widened to float32 (MKL).
-#: The default is what this CPU runs natively; tests force each path.
+
+
 def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
     """Whether torch's GEMMs in this 16-bit dtype run on the CPU's own instructions (oneDNN)."""
     if not torch.backends.mkldnn.is_available():
@@ -48,6 +47,9 @@ def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
     return check is not None and check()
 
 
+#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN with the
+#: CPU's bf16/fp16 instructions: avx512_bf16, AMX, avx512_fp16), False = widened to float32 (MKL).
+#: The default is what this CPU runs natively; tests force each path.
 native_gemm = {dtype: cpu_has_native_gemm(dtype) for dtype in (torch.bfloat16, torch.float16)}
 
 

@@ -62,7 +62,8 @@ def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeyp
 # that each re-project a kt//2 halo. The output must not change with the split, and must match
 # the oracle; T < threads and kt > T stress the run edges. (case, patch rows per tile, 0 = the
 # kernel's choice): one whole-frame tile (P = 10) of back-to-back frames makes the native forward
-# project several frames per GEMM, in blocks that start where each run starts.
+# project several frames per GEMM, in blocks that start where each run starts; at 196 x 200 two
+# frames make a block, so runs starting at odd frames shift every block by one frame.
 SPLIT_CASES = [
     (Case(batch=1, frames=5, kernel_t=3, cond=True), 0),
     (Case(batch=1, frames=4, kernel_t=5), 0),
@@ -71,6 +72,7 @@ SPLIT_CASES = [
     (Case(batch=1, frames=6, kernel_t=3, dtype=torch.bfloat16, layout="lnc", prefix=0, tokens=10), 0),
     (Case(batch=1, frames=9, kernel_t=3, dtype=torch.bfloat16, cond=True), 10),
     (Case(batch=1, frames=9, kernel_t=5, dtype=torch.bfloat16, layout="btlc", prefix=2, tokens=12), 10),
+    (Case(batch=1, frames=9, tokens=197, channels=32, bottleneck=200, dtype=torch.bfloat16), 196),
 ]
 SPLIT_GEMM_CASES = with_cpp_gemm_paths(SPLIT_CASES)
 

@@ -881,22 +881,6 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
   }
 }
 
-// sum over the leading (group) dimension in order, float32 -> dtype; parallel over elements.
-at::Tensor sum_partials(const at::Tensor& partials, int64_t groups, at::ScalarType dtype) {
-  const int64_t numel = partials[0].numel();
-  at::Tensor total = at::empty(partials.sizes().slice(1), partials.options());
-  const float* src = partials.data_ptr<float>();
-  float* dst = total.data_ptr<float>();
-  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float acc = src[i];
-      for (int64_t gi = 1; gi < groups; ++gi) acc += src[gi * numel + i];
-      dst[i] = acc;
-    }
-  });
-  return total.to(dtype);
-}
-
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, F&& f) {
   switch (dtype) {
@@ -905,6 +889,34 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
     case at::kHalf: return f(at::Half{});
     default: TORCH_CHECK(false, "stadapter_cpp: unsupported dtype ", dtype, " (float32, bfloat16, float16)");
   }
+}
+
+// The sum over the leading (group) dimension, groups added in order, in dtype: parallel over
+// elements, each run summed in a float32 block on the stack and rounded once.
+at::Tensor sum_partials(const at::Tensor& partials, int64_t groups, at::ScalarType dtype) {
+  constexpr int64_t kBlock = 1024;
+  const int64_t numel = partials[0].numel();
+  at::Tensor total = at::empty(partials.sizes().slice(1), partials.options().dtype(dtype));
+  const float* src = partials.data_ptr<float>();
+  dispatch_dtype(dtype, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t* dst = total.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, 4 * kBlock, [&](int64_t begin, int64_t end) {
+      alignas(kArenaAlignment) float acc[kBlock];
+      for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+        const int64_t n = std::min(kBlock, end - i0);
+        std::copy_n(src + i0, n, acc);
+        for (int64_t gi = 1; gi < groups; ++gi) {
+          const float* part = src + gi * numel + i0;
+          int64_t i = 0;
+          for (; i + kVec <= n; i += kVec) (Vec::loadu(acc + i) + Vec::loadu(part + i)).store(acc + i);
+          for (; i < n; ++i) acc[i] += part[i];
+        }
+        at::vec::convert(acc, dst + i0, n);
+      }
+    });
+  });
+  return total;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& written) {

@@ -182,6 +182,8 @@ struct Shape {
   // dz ring of the backward the last kt frames.
   int64_t y_slot(int64_t frame) const { return frame % ring_frames; }
   int64_t dz_slot(int64_t frame) const { return frame % kernel_t; }
+  // Whether frame f is the last of its weight-gradient chunk (native backward).
+  bool ends_grad_chunk(int64_t frame) const { return frame % grad_chunk == grad_chunk - 1 || frame == frames - 1; }
   // The taps j whose frame t + j - half lies in the clip (zero padding in T elsewhere).
   std::pair<int64_t, int64_t> taps_in_clip(int64_t t) const {
     return {std::max<int64_t>(0, half - t), std::min(kernel_t, frames - t + half)};
@@ -819,7 +821,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
         // d fc2_bias += sum of d_up, gathering g for d fc2_weight in the same pass.
         add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.frames_g + t_in_chunk * rows * c_dim);
-        if (t_in_chunk == s.grad_chunk - 1 || t == s.frames - 1) {
+        if (s.ends_grad_chunk(t)) {
           add_weight_grad(d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale, first_fc2,
                           w.weight_grad);
           first_fc2 = false;
@@ -872,7 +874,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         residual_rows(dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f, c_dim, w);
       }
       if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
-      if (s.native_gemm && (u_in_chunk == s.grad_chunk - 1 || u == s.frames - 1)) {
+      if (s.native_gemm && s.ends_grad_chunk(u)) {
         add_weight_grad(d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f, first_fc1,
                         w.weight_grad);
         first_fc1 = false;

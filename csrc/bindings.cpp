@@ -20,11 +20,14 @@ TORCH_LIBRARY(stadapter_cpp, m) {
   m.def(
       "st_adapter_forward(Tensor(a!) out, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, str activation, "
-      "float scale, int tile_patches=0, bool native_gemm=False) -> ()");
+      "float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True) -> ()");
   m.def(
       "st_adapter_backward(Tensor(a!) dx, Tensor grad_out, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
       "Tensor conv_weight, Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, "
-      "str activation, float scale, int tile_patches=0, bool native_gemm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str activation, float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // A question about this CPU, no tensor involved: one kernel for every dispatch key.
+  m.def("brgemm_serves(ScalarType gemm_dtype, int channels, int bottleneck) -> bool", &stadapter::brgemm_serves);
 }
 
 TORCH_LIBRARY_IMPL(stadapter_cpp, CPU, m) {

@@ -22,13 +22,25 @@
 //    one GEMM per chunk of frames (K = frames x rows) into a 16-bit block that is added to the
 //    float32 partials, so partial sums over chunks are never rounded.
 //
+// The tile GEMMs with a weight operand (the down- and up-projection, and the backward's
+// da = g @ fc2_weight and dx = dy @ fc1_weight) may instead run through ATen's batch-reduce GEMM
+// micro-kernels, at::native::cpublas::brgemm (`brgemm`, chosen per call by fused_cpp.py): oneDNN
+// kernels generated once per shape and cached per thread, with none of a library GEMM's per-call
+// set-up, which is what dominates one frame's 196-row GEMMs on AMX. The weight is laid out for
+// them once per call (float32: transposed to K x N; bfloat16/float16: VNNI-packed by cpublas::pack
+// in blocks of kBrgemmBlockN columns, the widest block it packs), and the float32 accumulator is
+// the result: written straight into the bottleneck ring, or read by the residual pass, with no
+// 16-bit rounding of y or of the up-projection. 16-bit brgemm needs AMX (cpublas::could_pack);
+// float32 brgemm runs on AVX2 and later. Weight-gradient GEMMs (large K, few calls) stay on the
+// library GEMM. The hardware context (AMX tile configuration) is released before a task returns.
+//
 // Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
 // MKL and OpenMP pinned to one thread, see SequentialBlas), and weight-gradient partials are
 // accumulated per reduction group (a fixed run of tiles) and summed in group order, so results
 // are bit-identical for any thread count. The forward may also split T into runs with the thread
 // count (see forward_tile): each frame's GEMM rows then meet other rows in a multi-frame GEMM,
 // which oneDNN's 16-bit GEMMs compute row by row alike (checked by the split tests); float32's
-// MKL does not, so float32 keeps one frame per GEMM.
+// MKL does not, so float32 keeps one frame per GEMM, as does brgemm (no per-call cost to save).
 #include "st_adapter_cpu.h"
 
 #include <ATen/ATen.h>
@@ -36,6 +48,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/SmallVector.h>
 #include <c10/util/irange.h>
@@ -47,6 +60,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 
 #if AT_MKL_ENABLED()
@@ -84,6 +98,12 @@ constexpr int64_t kWeightGradChunkFrames = 8;
 constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
+// Columns per VNNI-packed block of a 16-bit brgemm weight: cpublas::pack packs blocks of 16, 32,
+// 48 or 64 columns (a whole 384-column weight in one call fails to pack on AMX).
+constexpr int64_t kBrgemmBlockN = 64;
+// 16-bit brgemm takes widths (C and Ca, each a K and an N) that are multiples of this: whole packed
+// blocks, and K even for the VNNI pairs.
+constexpr int64_t kBrgemmColumnMultiple = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Activations (formulas and derivatives of stadapter_kernels/activations.py)
@@ -169,6 +189,8 @@ struct Shape {
   int64_t tiles_per_video;  // ceil(patches / tile)
   int64_t tiles;            // batch * tiles_per_video
   bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
+  bool brgemm;              // the weight GEMMs through cpublas::brgemm (see the top of this file)
+  bool residual;            // out = x + branch (else the branch alone; dx without the identity term)
   bool widened_down;        // native_gemm, but the down-projection widened to float32 (relu's backward)
   int64_t grad_chunk;       // frames per weight-gradient GEMM of the native backward
   int64_t up_frames;        // frames per up-projection GEMM of the forward
@@ -191,10 +213,16 @@ struct Shape {
 };
 
 Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bottleneck, int64_t prefix,
-                 int64_t tile_patches, bool native_gemm, bool widened_down = false) {
+                 int64_t tile_patches, bool native_gemm, bool brgemm, bool residual, bool widened_down = false) {
   Shape s{};
   s.native_gemm = native_gemm && x.scalar_type() != at::kFloat;
-  s.widened_down = s.native_gemm && widened_down;
+  s.brgemm = brgemm;
+  s.residual = residual;
+  TORCH_CHECK(!brgemm || brgemm_serves(s.native_gemm ? x.scalar_type() : at::kFloat, x.size(3), bottleneck),
+              "stadapter_cpp: brgemm cannot serve these GEMMs on this CPU (fused_cpp.py checks before asking)");
+  // brgemm accumulates y in float32 from the 16-bit operands: nothing rounds it, so relu's
+  // backward needs no widened down-projection (see st_adapter_backward_cpu).
+  s.widened_down = s.native_gemm && widened_down && !brgemm;
   s.batch = x.size(0);
   s.frames = x.size(1);
   s.tokens = x.size(2);
@@ -220,7 +248,7 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   // strided block only when a tile is a whole frame's patches and frames lie back to back
   // (the prefix rows between them are projected too, and dropped).
   const int64_t batch_frames = std::clamp<int64_t>(kBatchBottleneckElements / (s.tile * bottleneck), 1, s.frames);
-  s.up_frames = s.native_gemm ? batch_frames : 1;
+  s.up_frames = s.native_gemm && !s.brgemm ? batch_frames : 1;
   const bool back_to_back = s.tile == s.patches && x.stride(1) == s.tokens * x.stride(2) && !s.widened_down;
   s.down_frames = back_to_back ? s.up_frames : 1;
   s.ring_frames = s.kernel_t + s.down_frames - 1;
@@ -241,6 +269,55 @@ Rows<T> rows_of(const at::Tensor& t) {
   return Rows<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The B operand (K x N) of brgemm calls, laid out once per call: float32 row-major, or 16-bit
+// VNNI-packed by cpublas::pack in blocks of kBrgemmBlockN columns (the block at column n0 starts at
+// element n0 * K).
+struct BrgemmWeight {
+  at::Tensor data;
+  int64_t k = 0, n = 0;
+};
+
+BrgemmWeight make_brgemm_weight(const at::Tensor& b, at::ScalarType dtype) {
+  BrgemmWeight w{b.to(dtype).contiguous(), b.size(0), b.size(1)};
+  if (dtype == at::kFloat) return w;
+  const at::Tensor plain = w.data;
+  w.data = at::empty_like(plain);
+  const auto* in = static_cast<const char*>(plain.data_ptr());
+  auto* out = static_cast<char*>(w.data.data_ptr());
+  const int64_t element = plain.element_size();
+  for (int64_t n0 = 0; n0 < w.n; n0 += kBrgemmBlockN) {
+    const int64_t block_n = std::min(kBrgemmBlockN, w.n - n0);
+    at::native::cpublas::pack(w.k, block_n, /*ld_in=*/w.n, /*ld_out=*/block_n, dtype, dtype, in + n0 * element,
+                              out + n0 * w.k * element);
+  }
+  return w;
+}
+
+// c (m x b.n float32, leading dimension ldc) = a (m x b.k, leading dimension lda >= b.k) @ b.
+template <typename T>
+void brgemm_rows(const BrgemmWeight& b, const T* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
+  const T* data = static_cast<const T*>(b.data.data_ptr());
+  if constexpr (std::is_same_v<T, float>) {
+    at::native::cpublas::brgemm(m, b.n, b.k, lda, b.n, ldc, /*add_C=*/false, a, data, c, /*is_vnni=*/false);
+  } else {
+    for (int64_t n0 = 0; n0 < b.n; n0 += kBrgemmBlockN) {
+      const int64_t block_n = std::min(kBrgemmBlockN, b.n - n0);
+      at::native::cpublas::brgemm(m, block_n, b.k, lda, block_n, ldc, /*add_C=*/false, a, data + n0 * b.k, c + n0,
+                                  /*is_vnni=*/true);
+    }
+  }
+}
+
+// Releases the calling thread's brgemm hardware context (AMX tile configuration) when it goes.
+class BrgemmRelease {
+ public:
+  explicit BrgemmRelease(bool vnni) : vnni_(vnni) {}
+  ~BrgemmRelease() { at::native::cpublas::brgemm_release(vnni_); }
+
+ private:
+  bool vnni_;
+};
+
 // The parameters laid out for the kernels: the GEMMs' weights in the GEMM dtype (float32, or x's
 // dtype with native_gemm), everything else float32.
 struct Params {
@@ -251,12 +328,15 @@ struct Params {
   at::Tensor conv_bias;   // (Ca,)
   at::Tensor fc2_weight;  // (C, Ca)
   at::Tensor fc2_bias;    // (C,)
+  // brgemm only: the weights as the B operand of y = x @ fc1.T, up = a @ fc2.T, and the backward's
+  // da = g @ fc2 and dx = dy @ fc1.
+  BrgemmWeight down, up, up_grad, down_grad;
 };
 
 Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                       const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                       const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                      const std::optional<at::Tensor>& cond) {
+                      const std::optional<at::Tensor>& cond, bool backward) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   auto as_gemm = [&](const at::Tensor& t) { return s.native_gemm ? t.contiguous() : as_f32(t); };
@@ -264,6 +344,16 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
   p.fc1_weight = as_gemm(fc1_weight);
   if (s.widened_down) p.fc1_weight_wide = as_f32(fc1_weight);
   p.fc2_weight = as_gemm(fc2_weight);
+  if (s.brgemm) {
+    const at::ScalarType gemm_dtype = p.fc1_weight.scalar_type();
+    p.down = make_brgemm_weight(fc1_weight.t(), gemm_dtype);
+    if (backward) {
+      p.up_grad = make_brgemm_weight(fc2_weight, gemm_dtype);
+      p.down_grad = make_brgemm_weight(fc1_weight, gemm_dtype);
+    } else {
+      p.up = make_brgemm_weight(fc2_weight.t(), gemm_dtype);
+    }
+  }
   p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
   if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
   if (cond) p.row_bias.add_(cond->to(at::kFloat));
@@ -381,55 +471,43 @@ const float* widen_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t c
   }
 }
 
-// A row as float32: the row itself for float32, else widened into `scratch`.
-template <typename scalar_t>
-const float* as_float(const scalar_t* src, int64_t n, float* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    widen(src, scratch, n);
-    return scratch;
-  }
-}
-
-// dst = residual + scale * (u + bias) for one row of n channels, u a float32 or 16-bit GEMM
-// result; `scratch` and `scratch_u` hold n floats each.
+// dst = residual + scale * (u + bias) for one row of n channels (no residual: scale * (u + bias)),
+// u a float32 (MKL, brgemm) or 16-bit (oneDNN) GEMM result: one pass, float32 arithmetic, one
+// rounding to a 16-bit dst. This row loop is the forward's largest element-wise cost.
 template <typename scalar_t, typename U>
 void residual_row(scalar_t* dst, const scalar_t* residual, const U* u_row, const float* bias, float scale,
-                  int64_t n, float* scratch, float* scratch_u) {
-  if constexpr (!std::is_same_v<scalar_t, float> && std::is_same_v<U, scalar_t>) {
-    // All-16-bit operands (native GEMMs): one pass, the same float32 arithmetic and one rounding
-    // as the widening path below. This row loop is the forward's largest element-wise cost.
-    using HalfVec = at::vec::Vectorized<scalar_t>;
-    const Vec vscale(scale);
-    int64_t c = 0;
+                  int64_t n) {
+  const Vec vscale(scale), zero(0.0f);
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    static_assert(std::is_same_v<U, float>, "float32 calls have float32 GEMM results");
+    for (; c + kVec <= n; c += kVec) {
+      const Vec u = bias ? Vec::loadu(u_row + c) + Vec::loadu(bias + c) : Vec::loadu(u_row + c);
+      at::vec::fmadd(vscale, u, residual ? Vec::loadu(residual + c) : zero).store(dst + c);
+    }
+  } else {
+    using HalfVec = at::vec::Vectorized<scalar_t>;  // 2 x kVec elements
     for (; c + HalfVec::size() <= n; c += HalfVec::size()) {
-      auto [r0, r1] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(residual + c));
-      auto [u0, u1] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(u_row + c));
+      Vec u0, u1, r0 = zero, r1 = zero;
+      if constexpr (std::is_same_v<U, float>) {
+        u0 = Vec::loadu(u_row + c);
+        u1 = Vec::loadu(u_row + c + kVec);
+      } else {
+        std::tie(u0, u1) = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(u_row + c));
+      }
       if (bias) {
         u0 = u0 + Vec::loadu(bias + c);
         u1 = u1 + Vec::loadu(bias + c + kVec);
       }
+      if (residual) std::tie(r0, r1) = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(residual + c));
       at::vec::convert_from_float<scalar_t>(at::vec::fmadd(vscale, u0, r0), at::vec::fmadd(vscale, u1, r1))
           .store(dst + c);
     }
-    for (; c < n; ++c) {
-      const float u = static_cast<float>(u_row[c]) + (bias ? bias[c] : 0.0f);
-      dst[c] = static_cast<scalar_t>(static_cast<float>(residual[c]) + scale * u);
-    }
-    return;
   }
-  const float* r = as_float(residual, n, scratch);
-  const float* u = as_float(u_row, n, scratch_u);
-  float* o = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dst) : scratch;
-  const Vec vscale(scale);
-  int64_t c = 0;
-  for (; c + kVec <= n; c += kVec) {
-    const Vec v = bias ? Vec::loadu(u + c) + Vec::loadu(bias + c) : Vec::loadu(u + c);
-    at::vec::fmadd(vscale, v, Vec::loadu(r + c)).store(o + c);
+  for (; c < n; ++c) {
+    const float u = static_cast<float>(u_row[c]) + (bias ? bias[c] : 0.0f);
+    dst[c] = static_cast<scalar_t>((residual ? static_cast<float>(residual[c]) : 0.0f) + scale * u);
   }
-  for (; c < n; ++c) o[c] = r[c] + scale * (u[c] + (bias ? bias[c] : 0.0f));
-  if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(scratch, dst, n);
 }
 
 template <typename scalar_t>
@@ -484,10 +562,11 @@ c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, bool ring_is_y, int
 }
 
 // What the backward adds to conv_activation's pass over a frame, while the window is in registers
-// and L1: dz = da * act'(z), and the conv gradients d_conv[j] += dz * y[t + j - half] and
+// and L1: dz = da_scale * da * act'(z) (brgemm leaves the scale of d_up to this pass), and the conv gradients d_conv[j] += dz * y[t + j - half] and
 // d_conv[kt] += dz (the bias), rows summed in order.
 struct ConvBackward {
-  const float* da;  // (rows x Ca)
+  const float* da;  // (rows x Ca), times da_scale
+  float da_scale;
   float* dz;        // (rows x Ca)
   float* d_conv;    // (kt + 1) x Ca
 };
@@ -503,6 +582,7 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
   const float* bias = p.conv_bias.data_ptr<float>();
   const auto [j_lo, j_hi] = s.taps_in_clip(t);
   const auto window = ring_blocks(s, ring_y, /*ring_is_y=*/true, j_lo, j_hi, [&](int64_t j) { return t + j - s.half; });
+  const Vec da_scale(backward ? backward->da_scale : 1.0f);  // times 1 is exact: no other path changes
   for (const auto r : c10::irange(rows)) {
     float* a_row = row_scratch;
     if constexpr (std::is_same_v<OutT, float>) a_row = a + r * ca;
@@ -518,7 +598,7 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
       }
       Vec derivative;
       activate<A>(z, &derivative).store(a_row + c, n);
-      const Vec dz = Vec::loadu(backward->da + r * ca + c, n) * derivative;
+      const Vec dz = Vec::loadu(backward->da + r * ca + c, n) * da_scale * derivative;
       dz.store(backward->dz + r * ca + c, n);
       for (int64_t j = j_lo; j < j_hi; ++j) {
         float* acc = backward->d_conv + j * ca + c;
@@ -579,9 +659,9 @@ class ArenaLease {
 template <typename scalar_t>
 struct Scratch {
   float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *bottleneck_grad = nullptr;
-  float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row = nullptr, *row_u = nullptr;
-  // native_gemm only: a GEMM's 16-bit result and the 16-bit bottleneck operand of the forward's
-  // up-projection.
+  float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row_u = nullptr;
+  // native_gemm only: a GEMM's 16-bit result (with brgemm: gathered token rows) and the 16-bit
+  // bottleneck operand of the forward's up-projection.
   scalar_t *narrow_out = nullptr, *narrow_a = nullptr;
   // native_gemm backward only: the weight-gradient operands of a chunk of frames (rows ordered by
   // frame, then patch), and their 16-bit product.
@@ -607,12 +687,9 @@ struct Scratch {
     };
     const int64_t tile_ca = s.tile * s.bottleneck, tile_c = s.tile * s.channels;
     take(ring_y, s.ring_frames * tile_ca);
-    take(row, s.channels);
     take(row_u, std::max(s.channels, s.bottleneck));
-    if (!s.native_gemm) {
-      take(a, tile_ca);
-      take(wide_out, tile_c);
-    }
+    if (!s.native_gemm) take(a, tile_ca);
+    if (!s.native_gemm || s.brgemm) take(wide_out, tile_c);
     if (!s.native_gemm || s.widened_down) take(wide_x, tile_c);
     if (backward) {
       take(ring_dz, s.kernel_t * tile_ca);
@@ -681,15 +758,57 @@ void accumulate_widened(float* acc, const scalar_t* src, int64_t n, bool assign)
 }
 
 // dst[b, t, l0 + r] = residual[b, t, l0 + r] + scale * (u[r] + bias) for the tile's rows, u a
-// (rows x C) float32 or 16-bit GEMM result.
+// (rows x C) float32 or 16-bit GEMM result; without s.residual, scale * (u[r] + bias).
 template <typename scalar_t, typename U>
-void residual_rows(const Rows<scalar_t>& dst, const Rows<const scalar_t>& residual, int64_t b, int64_t t,
-                   int64_t l0, int64_t rows, const U* u, const float* bias, float scale, int64_t c_dim,
-                   Scratch<scalar_t>& w) {
+void residual_rows(const Shape& s, const Rows<scalar_t>& dst, const Rows<const scalar_t>& residual, int64_t b,
+                   int64_t t, int64_t l0, int64_t rows, const U* u, const float* bias, float scale) {
   for (const auto r : c10::irange(rows)) {
-    residual_row(dst.row(b, t, l0 + r), residual.row(b, t, l0 + r), u + r * c_dim, bias, scale, c_dim, w.row,
-                 w.row_u);
+    residual_row(dst.row(b, t, l0 + r), s.residual ? residual.row(b, t, l0 + r) : nullptr, u + r * s.channels, bias,
+                 scale, s.channels);
   }
+}
+
+// The prefix rows of frame t: the residual's (x for out, grad_out for dx), or zero without s.residual.
+template <typename scalar_t>
+void prefix_rows(const Shape& s, const Rows<scalar_t>& dst, const Rows<const scalar_t>& residual, int64_t b,
+                 int64_t t) {
+  for (const auto l : c10::irange(s.prefix)) {
+    scalar_t* row = dst.row(b, t, l);
+    if (s.residual) {
+      std::copy_n(residual.row(b, t, l), s.channels, row);
+    } else {
+      std::fill_n(row, s.channels, scalar_t(0));
+    }
+  }
+}
+
+// Token rows `ld` apart as a brgemm A operand, whose rows must not overlap: the rows themselves,
+// else (grad_out of a broadcast has row stride 0) copied into `buffer` (rows x cols).
+template <typename T>
+const T* brgemm_operand(const T* src, int64_t ld, int64_t rows, int64_t cols, T* buffer, int64_t* ld_out) {
+  if (ld >= cols) {
+    *ld_out = ld;
+    return src;
+  }
+  for (const auto r : c10::irange(rows)) std::copy_n(src + r * ld, cols, buffer + r * cols);
+  *ld_out = cols;
+  return buffer;
+}
+
+// c (rows x b.n float32, contiguous) = the token rows (ld apart) @ b through brgemm: 16-bit rows
+// as they are with native_gemm, else as float32 (widened into `wide`, which also takes float32
+// rows that overlap).
+template <typename scalar_t>
+void brgemm_token_rows(const Shape& s, const BrgemmWeight& b, const scalar_t* src, int64_t ld, int64_t rows,
+                       float* c, float* wide, scalar_t* narrow) {
+  int64_t lda = 0;
+  if (s.native_gemm) {
+    brgemm_rows(b, brgemm_operand(src, ld, rows, s.channels, narrow, &lda), lda, rows, c, b.n);
+    return;
+  }
+  const float* rows_f32 = widen_rows(src, ld, rows, s.channels, wide, &lda);
+  rows_f32 = brgemm_operand(rows_f32, lda, rows, s.channels, wide, &lda);
+  brgemm_rows(b, rows_f32, lda, rows, c, b.n);
 }
 
 // y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into the ring slot of each frame f in [f0, f1):
@@ -700,6 +819,13 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
                      int64_t f1, int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
   const int64_t ca = s.bottleneck;
   const float* bias = p.row_bias.data_ptr<float>() + b * ca;
+  if (s.brgemm) {  // the float32 accumulator is the ring slot
+    TORCH_INTERNAL_ASSERT(f1 == f0 + 1, "stadapter_cpp: brgemm takes one frame at a time");
+    float* y = w.ring_y + s.y_slot(f0) * s.tile * ca;
+    brgemm_token_rows(s, p.down, x.row(b, f0, l0), x.stride_l, rows, y, w.wide_x, w.narrow_out);
+    add_row_bias(y, bias, rows, ca);
+    return;
+  }
   if (s.native_gemm && !s.widened_down) {
     const int64_t gemm_rows = (f1 - f0 - 1) * s.tokens + rows;
     gemm(w.narrow_out, ca, block(x.row(b, f0, l0), gemm_rows, s.channels, x.stride_l), p.fc1_weight.t(), 1.0f,
@@ -745,23 +871,31 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
     }
     const int64_t t = step - s.half;
     if (t < t0) continue;
-    if (s.native_gemm) {
+    if (s.brgemm) {  // the float32 accumulator goes straight to the residual pass
+      if (s.native_gemm) {
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, nullptr, w.row_u);
+        brgemm_rows(p.up, w.narrow_a, ca, rows, w.wide_out, c_dim);
+      } else {
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u);
+        brgemm_rows(p.up, w.a, ca, rows, w.wide_out, c_dim);
+      }
+      residual_rows(s, out, x, b, t, l0, rows, w.wide_out, up_bias, scale);
+    } else if (s.native_gemm) {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a + (t - up_first) * rows * ca, nullptr, w.row_u);
       if (t - up_first + 1 == s.up_frames || t == t1 - 1) {  // one GEMM for the waiting frames
         const int64_t count = t - up_first + 1;
         gemm(w.narrow_out, c_dim, block(w.narrow_a, count * rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
         for (int64_t f = up_first; f <= t; ++f) {
-          residual_rows(out, x, b, f, l0, rows, w.narrow_out + (f - up_first) * rows * c_dim, up_bias, scale, c_dim,
-                        w);
+          residual_rows(s, out, x, b, f, l0, rows, w.narrow_out + (f - up_first) * rows * c_dim, up_bias, scale);
         }
         up_first = t + 1;
       }
     } else {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u);
       gemm(w.wide_out, c_dim, block(w.a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
-      residual_rows(out, x, b, t, l0, rows, w.wide_out, up_bias, scale, c_dim, w);
+      residual_rows(s, out, x, b, t, l0, rows, w.wide_out, up_bias, scale);
     }
-    if (p0 == 0) copy_rows(out.row(b, t, 0), out.stride_l, x.row(b, t, 0), x.stride_l, s.prefix, c_dim);
+    if (p0 == 0) prefix_rows(s, out, x, b, t);
   }
 }
 
@@ -811,16 +945,36 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
     const int64_t t = step - s.half;
     if (t >= 0 && t < s.frames) {
       const scalar_t* g_rows = g.row(b, t, l0);
-      const at::Tensor g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
-      // d_up = scale * g: da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a, d fc2_bias += sum d_up.
-      gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
-      // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
-      const ConvBackward conv_backward{w.bottleneck_grad, w.ring_dz + s.dz_slot(t) * slot_size, d_conv};
       const int64_t t_in_chunk = t % s.grad_chunk;
+      // d_up = scale * g: d fc2_bias += sum d_up, da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a.
+      at::Tensor g_block;  // g as the GEMMs' operand: the rows, their native-path copy, or widened
+      if (s.native_gemm) {
+        // g gathered for d fc2_weight (and brgemm's da) in the column-sum pass.
+        scalar_t* gathered = w.frames_g + t_in_chunk * rows * c_dim;
+        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, gathered);
+        g_block = s.brgemm ? block(gathered, rows, c_dim, c_dim) : block(g_rows, rows, c_dim, g.stride_l);
+      } else {
+        g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
+        add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale);
+      }
+      float da_scale = 1.0f;
+      if (s.brgemm) {  // the float32 accumulator is da; the scale is applied where dz reads it
+        if (s.native_gemm) {
+          brgemm_rows(p.up_grad, g_block.const_data_ptr<scalar_t>(), c_dim, rows, w.bottleneck_grad, ca);
+        } else {
+          int64_t ld = 0;
+          const float* rows_f32 =
+              brgemm_operand(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
+          brgemm_rows(p.up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
+        }
+        da_scale = scale;
+      } else {
+        gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
+      }
+      // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
+      const ConvBackward conv_backward{w.bottleneck_grad, da_scale, w.ring_dz + s.dz_slot(t) * slot_size, d_conv};
       if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
         conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
-        // d fc2_bias += sum of d_up, gathering g for d fc2_weight in the same pass.
-        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, w.frames_g + t_in_chunk * rows * c_dim);
         if (s.ends_grad_chunk(t)) {
           add_weight_grad(d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale, first_fc2,
                           w.weight_grad);
@@ -830,9 +984,6 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         conv_activation<A>(s, p, w.ring_y, t, rows, w.a, &conv_backward, w.row_u);
         gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
         first_fc2 = false;
-      }
-      if (!s.native_gemm) {  // the rows are already widened for the GEMM
-        add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale);
       }
     }
 
@@ -865,15 +1016,22 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         gemm(d_fc1_weight, c_dim, dy_block.t(), x_block, 1.0f, first_fc1 ? 0.0f : 1.0f);
         first_fc1 = false;
       }
-      // dx = g + dy @ fc1_weight, the residual fused into the epilogue.
-      if (s.native_gemm) {
+      // dx = g + dy @ fc1_weight (without s.residual, no g), the residual fused into the epilogue.
+      if (s.brgemm) {
+        if (s.native_gemm) {
+          brgemm_rows(p.down_grad, dy_block.const_data_ptr<scalar_t>(), ca, rows, w.wide_out, c_dim);
+        } else {
+          brgemm_rows(p.down_grad, dy, ca, rows, w.wide_out, c_dim);
+        }
+        residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
+      } else if (s.native_gemm) {
         gemm(w.narrow_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
-        residual_rows(dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f, c_dim, w);
+        residual_rows(s, dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f);
       } else {
         gemm(w.wide_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
-        residual_rows(dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f, c_dim, w);
+        residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
       }
-      if (p0 == 0) copy_rows(dx.row(b, u, 0), dx.stride_l, g.row(b, u, 0), g.stride_l, s.prefix, c_dim);
+      if (p0 == 0) prefix_rows(s, dx, g, b, u);
       if (s.native_gemm && s.ends_grad_chunk(u)) {
         add_weight_grad(d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f, first_fc1,
                         w.weight_grad);
@@ -929,15 +1087,25 @@ void check_inputs(const at::Tensor& x, const at::Tensor& written) {
 
 }  // namespace
 
+// float32 from AVX2 on (ATen's oneDNN float32 ukernel; the extension itself needs AVX2), 16-bit
+// where cpublas::pack lays weights out for it (AMX), every K and N a whole number of packed
+// columns. Elsewhere cpublas::brgemm would quietly fall back to a library GEMM, or refuse VNNI.
+bool brgemm_serves(at::ScalarType gemm_dtype, int64_t channels, int64_t bottleneck) {
+  if (gemm_dtype == at::kFloat) return true;
+  return at::native::cpublas::could_pack(gemm_dtype) && channels % kBrgemmColumnMultiple == 0 &&
+         bottleneck % kBrgemmColumnMultiple == 0;
+}
+
 void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& fc1_weight,
                             const std::optional<at::Tensor>& fc1_bias, const at::Tensor& conv_weight,
                             const std::optional<at::Tensor>& conv_bias, const at::Tensor& fc2_weight,
                             const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& cond,
                             int64_t prefix, const std::string& activation, double scale, int64_t tile_patches,
-                            bool native_gemm) {
+                            bool native_gemm, bool brgemm, bool residual) {
   check_inputs(x, out);
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm);
-  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm, brgemm, residual);
+  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
+                                  /*backward=*/false);
   const Activation act = parse_activation(activation);
   dispatch_dtype(x.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -952,6 +1120,7 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
       at::parallel_for(0, s.tiles * runs, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
+        const BrgemmRelease brgemm_release(/*vnni=*/s.brgemm && s.native_gemm);
         Scratch<scalar_t> w(s, /*backward=*/false);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t run = i % runs, t0 = run * s.frames / runs, t1 = (run + 1) * s.frames / runs;
@@ -969,17 +1138,19 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
                         const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                         const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                         const std::optional<at::Tensor>& cond, int64_t prefix, const std::string& activation,
-                        double scale, int64_t tile_patches, bool native_gemm) {
+                        double scale, int64_t tile_patches, bool native_gemm, bool brgemm, bool residual) {
   check_inputs(x, dx);
   check_inputs(x, grad_out);
   const Activation act = parse_activation(activation);
   // Native 16-bit GEMMs round the recomputed y, moving z by ~2^-9 of its size. relu' jumps at z = 0:
   // where the rounding moves z across zero, dz is wrong by all of da, which put 2-5% errors into the
   // conv, fc1-bias and cond gradients at any size. So relu's backward recomputes y with a float32
-  // GEMM; every other GEMM stays native (their rounding only scales what they feed).
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm,
+  // GEMM; every other GEMM stays native (their rounding only scales what they feed). brgemm rounds
+  // no y: it needs none of this.
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm, brgemm, residual,
                              /*widened_down=*/act == Activation::kRelu);
-  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond);
+  const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
+                                  /*backward=*/true);
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   // The weight-gradient partials are written whole by each group's first tile (no zeroing).
@@ -999,6 +1170,7 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
+        const BrgemmRelease brgemm_release(/*vnni=*/s.brgemm && s.native_gemm);
         Scratch<scalar_t> w(s, /*backward=*/true);
         for (int64_t group = begin; group < end; ++group) {
           const int64_t first = group * s.tiles / groups, last = (group + 1) * s.tiles / groups;

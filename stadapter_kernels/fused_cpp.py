@@ -52,6 +52,49 @@ def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
 #: The default is what this CPU runs natively; tests force each path.
 native_gemm = {dtype: cpu_has_native_gemm(dtype) for dtype in (torch.bfloat16, torch.float16)}
 
+#: Whether the tile GEMMs with a weight operand (down- and up-projection, the backward's da and dx)
+#: run through ATen's brgemm micro-kernels (at::native::cpublas::brgemm) where this CPU serves
+#: them, per dtype of the GEMM operands: float32 for float32 calls and for 16-bit calls widened to
+#: float32, the 16-bit dtype for native calls. Elsewhere, or False: the library GEMM (MKL float32,
+#: oneDNN). 16-bit brgemm serves on AMX, where it skips oneDNN's per-call set-up (~60 us a GEMM,
+#: paid per frame of every tile); float32 brgemm (AVX2 on) measured 4-44% slower than MKL on one
+#: frame's GEMMs on AMD EPYC (AVX2), hence off. Tests force each path this CPU has.
+brgemm = {torch.float32: False, torch.bfloat16: True, torch.float16: True}
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the GEMMs of a call in `dtype` take their operands in."""
+    return dtype if native_gemm.get(dtype, False) else torch.float32
+
+
+def brgemm_serves(gemm_dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
+    """Whether brgemm computes GEMMs of `gemm_dtype` operands at these widths on this CPU with its own
+    micro-kernels: float32 from AVX2 on; bfloat16/float16 where ATen packs weights for it (AMX,
+    AMX-FP16), channels and bottleneck multiples of 16."""
+    return _BUILD_ERROR is None and torch.ops.stadapter_cpp.brgemm_serves(gemm_dtype, channels, bottleneck)
+
+
+def _uses_brgemm(dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
+    gemm_dtype = _gemm_dtype(dtype)
+    return brgemm[gemm_dtype] and brgemm_serves(gemm_dtype, channels, bottleneck)
+
+
+def gemm_path(dtype: torch.dtype, channels: int, bottleneck: int) -> str:
+    """The GEMM path a call takes: brgemm/AMX, brgemm/AVX-512, brgemm/AVX2, oneDNN or MKL float32."""
+    gemm_dtype = _gemm_dtype(dtype)
+    if _uses_brgemm(dtype, channels, bottleneck):
+        if gemm_dtype != torch.float32:
+            return "brgemm/AMX"
+        return "brgemm/AVX-512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "brgemm/AVX2"
+    return "MKL float32" if gemm_dtype == torch.float32 else "oneDNN"
+
+
+def available_gemm_paths(dtype: torch.dtype, channels: int, bottleneck: int) -> list[tuple[bool, bool]]:
+    """Every (native_gemm, brgemm) setting that runs a distinct GEMM path for such a call on this CPU."""
+    natives = (False,) if dtype == torch.float32 else (False, True)
+    return [(native, use_brgemm) for native in natives for use_brgemm in (False, True)
+            if not use_brgemm or brgemm_serves(dtype if native else torch.float32, channels, bottleneck)]
+
 
 def unavailable_reason(spec: AdapterSpec) -> str | None:
     if _BUILD_ERROR is not None:
@@ -62,35 +105,44 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
         return f"dtype {spec.dtype} is not supported by the C++ kernels (float32, bfloat16, float16)"
     if spec.spatial:
         return f"a spatial conv kernel {spec.kernel_hw} is served by the reference only"
-    if not spec.residual:
-        return "residual=False (the adapter branch alone) is not fused yet"
     return None
 
 
 def describe(spec: AdapterSpec) -> str | None:
-    """How the GEMMs of a bfloat16/float16 call run (float32 calls have one way)."""
-    if spec.dtype not in native_gemm:
-        return None
+    """The GEMM path of a call: for bfloat16/float16 whether its GEMMs are native or widened, for
+    float32 only where it is not MKL (the one way float32 ran before brgemm)."""
+    path = gemm_path(spec.dtype, spec.channels, spec.bottleneck)
+    if spec.dtype == torch.float32:
+        return None if path == "MKL float32" else f"float32 GEMMs through {path}"
     name = str(spec.dtype).removeprefix("torch.")
     if not native_gemm[spec.dtype]:
-        return (f"{name} GEMMs widened to float32 (MKL): this CPU has no native {name} matrix "
-                "instructions for oneDNN")
-    note = f"{name} GEMMs native (oneDNN)"
-    if spec.activation == "relu":  # the rule lives in csrc/st_adapter_cpu.cpp: st_adapter_backward_cpu
+        note = f"{name} GEMMs widened to float32 ({path})"
+        if not cpu_has_native_gemm(spec.dtype):
+            note += f": this CPU has no native {name} matrix instructions for oneDNN"
+        return note
+    note = f"{name} GEMMs native ({path})"
+    if spec.activation == "relu" and path == "oneDNN":  # the rule lives in csrc/st_adapter_cpu.cpp: st_adapter_backward_cpu
         note += "; the backward recomputes the bottleneck with a float32 GEMM, as relu' jumps at 0"
     return note
 
 
+def _gemm_flags(x: torch.Tensor, params: AdapterTensors) -> tuple[bool, bool]:
+    """(native_gemm, brgemm) for this call."""
+    return (native_gemm.get(x.dtype, False),
+            _uses_brgemm(x.dtype, x.shape[-1], params.fc1_weight.shape[0]))
+
+
 def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options: AdapterOptions) -> None:
     torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, options.prefix, options.activation,
-                                               options.scale, tile_patches, native_gemm.get(x.dtype, False))
+                                               options.scale, tile_patches, *_gemm_flags(x, params),
+                                               options.residual)
 
 
 def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,
              options: AdapterOptions) -> AdapterTensors:
     grads = torch.ops.stadapter_cpp.st_adapter_backward(dx, grad_out, x, *params, options.prefix,
                                                         options.activation, options.scale, tile_patches,
-                                                        native_gemm.get(x.dtype, False))
+                                                        *_gemm_flags(x, params), options.residual)
     return AdapterTensors(*grads)
 
 
@@ -98,12 +150,14 @@ if _BUILD_ERROR is None:
 
     @torch.library.register_fake("stadapter_cpp::st_adapter_forward")
     def _forward_fake(out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
-                      prefix, activation, scale, tile_patches=0, native_gemm=False):
+                      prefix, activation, scale, tile_patches=0, native_gemm=False, brgemm=False,
+                      residual=True):
         return None
 
     @torch.library.register_fake("stadapter_cpp::st_adapter_backward")
     def _backward_fake(dx, grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-                       cond, prefix, activation, scale, tile_patches=0, native_gemm=False):
+                       cond, prefix, activation, scale, tile_patches=0, native_gemm=False, brgemm=False,
+                       residual=True):
         batch, bottleneck = x.shape[0], fc1_weight.shape[0]
         return (
             fc1_weight.new_empty(fc1_weight.shape),

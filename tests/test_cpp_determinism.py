@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
-from parity import (INPUT_NAMES, Case, assert_matches_oracle, call, force_cpp_path, make_inputs,
-                    with_cpp_gemm_paths)
+from parity import INPUT_NAMES, Case, assert_matches_oracle, call, make_inputs
 from stadapter_kernels import fused_cpp
+from test_cpp_gemm_paths import force_gemm_path, with_gemm_paths
 
 pytestmark = pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason=str(fused_cpp._BUILD_ERROR))
 
@@ -46,15 +46,18 @@ CASES = [
     # ViT-like frame, the kernel's own tiling, the benchmark's bottleneck
     (Case(batch=2, frames=4, tokens=197, channels=64, bottleneck=384, activation="identity"), 0),
     (Case(dtype=torch.bfloat16, layout="lnc", cond=True), 3),
+    # widths 16-bit brgemm takes on AMX; the branch alone
+    (Case(batch=1, frames=4, tokens=33, channels=64, bottleneck=48, dtype=torch.bfloat16, cond=True), 0),
+    (Case(residual=False, cond=True), 3),
 ]
-# bfloat16 cases run both GEMM paths: widened to float32, and native 16-bit GEMMs (oneDNN, which
-# parallelises with OpenMP unless pinned).
-GEMM_CASES = with_cpp_gemm_paths(CASES)
+# Every case on every GEMM path this CPU has: widened to float32 and native 16-bit GEMMs (oneDNN,
+# which parallelises with OpenMP unless pinned), each through the library GEMM and brgemm.
+GEMM_CASES = with_gemm_paths(CASES)
 
 
-@pytest.mark.parametrize("case, tile, native_gemm", GEMM_CASES, ids=str)
-def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, monkeypatch):
-    force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
+@pytest.mark.parametrize("case, tile, native_gemm, brgemm", GEMM_CASES, ids=str)
+def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, brgemm, monkeypatch):
+    force_gemm_path(monkeypatch, case.dtype, tile, native_gemm, brgemm)
     assert_bit_identical(case, make_inputs(case, seed=3), threads=(1, 2))
 
 
@@ -73,13 +76,14 @@ SPLIT_CASES = [
     (Case(batch=1, frames=9, kernel_t=3, dtype=torch.bfloat16, cond=True), 10),
     (Case(batch=1, frames=9, kernel_t=5, dtype=torch.bfloat16, layout="btlc", prefix=2, tokens=12), 10),
     (Case(batch=1, frames=9, tokens=197, channels=32, bottleneck=200, dtype=torch.bfloat16), 196),
+    (Case(batch=1, frames=6, tokens=17, channels=64, bottleneck=32, dtype=torch.bfloat16, residual=False), 0),
 ]
-SPLIT_GEMM_CASES = with_cpp_gemm_paths(SPLIT_CASES)
+SPLIT_GEMM_CASES = with_gemm_paths(SPLIT_CASES)
 
 
-@pytest.mark.parametrize("case, tile, native_gemm", SPLIT_GEMM_CASES, ids=str)
-def test_forward_split_over_frames_changes_no_bit(case, tile, native_gemm, monkeypatch):
-    force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
+@pytest.mark.parametrize("case, tile, native_gemm, brgemm", SPLIT_GEMM_CASES, ids=str)
+def test_forward_split_over_frames_changes_no_bit(case, tile, native_gemm, brgemm, monkeypatch):
+    force_gemm_path(monkeypatch, case.dtype, tile, native_gemm, brgemm)
     assert_bit_identical(case, make_inputs(case, seed=5), threads=(1, 4))
     previous = torch.get_num_threads()
     torch.set_num_threads(4)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
-from parity import (INPUT_NAMES, TOLERANCE, Case, assert_matches_oracle, call, force_cpp_path, make_inputs,
-                    rel_error, with_cpp_gemm_paths)
+from parity import INPUT_NAMES, TOLERANCE, Case, assert_matches_oracle, call, make_inputs, rel_error
 from stadapter_kernels import fused_cpp
 from stadapter_kernels.reference import oracle
+from test_cpp_gemm_paths import force_gemm_path, with_gemm_paths
 
 pytestmark = pytest.mark.skipif(fused_cpp._BUILD_ERROR is not None, reason=str(fused_cpp._BUILD_ERROR))
 
@@ -44,16 +44,28 @@ GRID = (
     # per frame, two clips one each.
     + [(Case(batch=1, frames=4, tokens=197, channels=64, bottleneck=48, activation="identity"), 0),
        (Case(batch=2, frames=2, tokens=197, channels=40, bottleneck=24, dtype=torch.bfloat16, cond=True), 0)]
+    # widths that are multiples of 16: 16-bit brgemm takes these where the CPU has it (AMX)
+    + [(Case(frames=5, tokens=17, channels=64, bottleneck=32, dtype=dtype, cond=True), tile)
+       for dtype in (torch.bfloat16, torch.float16) for tile in (0, 5)]
+    + [(Case(frames=3, tokens=50, channels=96, bottleneck=80, dtype=torch.bfloat16, activation="relu"), 0)]
+    # residual=False: the branch alone on patch tokens, zero on prefix tokens, dx without grad_out
+    + [(BASE.with_(residual=False, dtype=dtype, cond=True), tile)
+       for dtype in (torch.float32, torch.bfloat16, torch.float16) for tile in (0, 3)]
+    + [(BASE.with_(residual=False, layout=layout, prefix=prefix, tokens=prefix + 7), 4)
+       for layout, prefix in itertools.product(sk.LAYOUTS, (0, 5))]
+    + [(BASE.with_(residual=False, frames=1, kernel_t=3, biases=False, activation="relu"), 3),
+       (Case(residual=False, frames=5, tokens=17, channels=64, bottleneck=32, dtype=torch.bfloat16), 0)]
 )
 
 
-# bfloat16/float16 cases run both GEMM paths: widened to float32, and native 16-bit GEMMs.
-GEMM_GRID = with_cpp_gemm_paths(GRID)
+# Every case on every GEMM path this CPU has (test_cpp_gemm_paths.with_gemm_paths): float32 on MKL
+# and brgemm; bfloat16/float16 also widened to float32 (both), native oneDNN, and brgemm on AMX.
+GEMM_GRID = with_gemm_paths(GRID)
 
 
-@pytest.mark.parametrize("case, tile, native_gemm", GEMM_GRID, ids=lambda v: str(v))
-def test_cpp_matches_oracle(case, tile, native_gemm, monkeypatch):
-    force_cpp_path(monkeypatch, case.dtype, tile, native_gemm)
+@pytest.mark.parametrize("case, tile, native_gemm, brgemm", GEMM_GRID, ids=lambda v: str(v))
+def test_cpp_matches_oracle(case, tile, native_gemm, brgemm, monkeypatch):
+    force_gemm_path(monkeypatch, case.dtype, tile, native_gemm, brgemm)
     assert_matches_oracle(case, backend="cpp")
 
 

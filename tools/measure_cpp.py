@@ -2,8 +2,15 @@
 
     PYTHONPATH=. .venv/bin/python tools/measure_cpp.py [--dtypes fp32,bf16] [--bottlenecks 384,128]
         [--rounds 9] [--tile-sweep 49,66,98,196] [--batch 2] [--tokens 197] [--threads N]
+        [--gemm-paths] [--no-call-cost]
 
-Each ratio is printed with issue 4's target for it (met / NOT met).
+Each ratio is printed with issue 4's target for it (met / NOT met). Every result names the CPU
+(model, and which of avx2 / avx512f / avx512_bf16 / avx512_fp16 / amx_bf16 it has) and the GEMM
+path the cpp backend took (fused_cpp.gemm_path: brgemm/AMX, brgemm/AVX-512, brgemm/AVX2, oneDNN,
+MKL float32). First, per GEMM dtype, the per-call cost of torch.mm on one thread: one frame's
+196-row GEMM against a sixteenth of one 16-frame GEMM, for both GEMM shapes of the forward.
+`--gemm-paths` also times the cpp backend on every GEMM path this CPU has (forced, as the tests
+force them).
 
 ViT-B/16 adapter shapes (issue 4): B=2 videos x T=8 frames of L=197 tokens (prefix 1), C=768,
 kt=3; --batch and --tokens change B and L (e.g. --batch 1 --tokens 50: one tile per frame).
@@ -13,7 +20,9 @@ are compared:
 
     floor fwd      torch.mm on the forward's 2 GEMM shapes
     floor fwd+bwd  torch.mm on the 6 GEMM shapes of forward + backward
-    fp32 floor     (bf16/fp16 only) the same GEMMs in float32, the precision the kernels compute in
+    fp32 floor     (bf16/fp16 only) the same GEMMs in float32, the precision the kernels compute in;
+                   on a CPU without native 16-bit GEMMs (AVX2) the 16-bit torch.mm is a slow
+                   fallback, not a lower bound: it is skipped and the fp32 floor is the floor
     cpp            st_adapter(backend="cpp"): forward, and forward + autograd backward
     official       benchmarks.providers.OfficialAdapter: fc1, permute to channels-first
                    .contiguous(), depthwise Conv3d (3,1,1) over (T, 14, 14), permute back
@@ -25,7 +34,9 @@ are compared:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import platform
 import statistics
 import time
 
@@ -43,6 +54,61 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Issue 4's targets: cpp / floor at most, and official / cpp at least (where the issue sets one).
 FLOOR_TARGETS = {"fwd": 1.10, "fwd+bwd": 1.20}
 SPEEDUP_TARGETS = {("bf16", "fwd"): 1.4, ("bf16", "fwd+bwd"): 2.2, ("fp32", "fwd+bwd"): 1.3}
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+@functools.lru_cache
+def cpu_description() -> str:
+    """The CPU model and which of ISA_FLAGS it has (Linux /proc/cpuinfo), torch's CPU capability."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    have = [f for f in ISA_FLAGS if f in flags]
+    lacks = [f for f in ISA_FLAGS if f not in flags]
+    return (f"{model}; has {' '.join(have) or 'none of ' + ' '.join(ISA_FLAGS)}"
+            + (f"; no {' '.join(lacks)}" if lacks else "") + f"; torch {torch.backends.cpu.get_cpu_capability()}")
+
+
+@contextlib.contextmanager
+def forced_gemm_path(dtype, native, use_brgemm):
+    """The cpp backend's GEMM path for `dtype` while inside (as the tests force it)."""
+    gemm_dtype = dtype if native else torch.float32
+    saved = dict(fused_cpp.native_gemm), dict(fused_cpp.brgemm)
+    if dtype != torch.float32:
+        fused_cpp.native_gemm[dtype] = native
+    fused_cpp.brgemm[gemm_dtype] = use_brgemm
+    try:
+        yield
+    finally:
+        fused_cpp.native_gemm.clear()
+        fused_cpp.native_gemm.update(saved[0])
+        fused_cpp.brgemm.clear()
+        fused_cpp.brgemm.update(saved[1])
+
+
+def gemm_call_cost(dtype, bottleneck, rounds, frames=16):
+    """Per-call cost of torch.mm in `dtype` on one thread, for the forward's two GEMM shapes: one
+    frame's GEMM (196 rows) minus a `frames`-th of one GEMM over `frames` frames' rows, in us."""
+    patches, previous = TOKENS - PREFIX, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        costs = {}
+        for name, (k, n) in {"down": (CHANNELS, bottleneck), "up": (bottleneck, CHANNELS)}.items():
+            a, b = torch.randn(frames * patches, k).to(dtype), torch.randn(k, n).to(dtype)
+            frame_rows = [a[f * patches:(f + 1) * patches] for f in range(frames)]
+            m = interleaved_medians({"whole": timed(lambda: torch.mm(a, b)),
+                                     "per frame": timed(lambda: [torch.mm(r, b) for r in frame_rows])}, rounds)
+            costs[name] = (m["per frame"] / frames * 1e6, (m["per frame"] - m["whole"]) / frames * 1e6)
+        return costs
+    finally:
+        torch.set_num_threads(previous)
 
 
 def verdict(value, target, at_most=False):
@@ -148,15 +214,22 @@ def raw_op(inputs, tile, backward):
     # The GEMM path st_adapter would take (native or widened bf16/fp16 GEMMs).
     native = fused_cpp.native_gemm.get(x.dtype, False)
 
+    use_brgemm = fused_cpp.gemm_path(x.dtype, CHANNELS, params[0].shape[0]).startswith("brgemm")
+
     def run():
         start = time.perf_counter()
-        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native)
+        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native, use_brgemm)
         if backward:
             torch.ops.stadapter_cpp.st_adapter_backward(torch.empty_like(x), x, x, *params, None, *options,
-                                                        native)
+                                                        native, use_brgemm)
         return time.perf_counter() - start
 
     return run
+
+
+def _forced_run(run, dtype, native, use_brgemm):
+    with forced_gemm_path(dtype, native, use_brgemm):
+        return run()
 
 
 def main():
@@ -170,39 +243,72 @@ def main():
     parser.add_argument("--tokens", type=int, default=TOKENS,
                         help="tokens per frame L, a class token and a square grid (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--gemm-paths", action="store_true",
+                        help="also time the cpp backend on every GEMM path this CPU has")
+    parser.add_argument("--no-call-cost", action="store_true", help="skip the per-call torch.mm cost")
     args = parser.parse_args()
     BATCH, TOKENS = args.batch, args.tokens
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_description()}")
     print(f"threads={torch.get_num_threads()} B={BATCH} T={FRAMES} L={TOKENS} C={CHANNELS} kt={KERNEL_T}, "
           f"medians of {args.rounds} interleaved rounds")
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
+        # On a CPU without native 16-bit GEMMs, torch.mm in that dtype is a slow fallback: no floor.
+        native_floor = dtype == torch.float32 or fused_cpp.cpu_has_native_gemm(dtype)
         for bottleneck in map(int, args.bottlenecks.split(",")):
+            path = fused_cpp.gemm_path(dtype, CHANNELS, bottleneck)
+            if not args.no_call_cost:
+                for gemm_dtype in dict.fromkeys((dtype if native_floor else torch.float32, torch.float32)):
+                    costs = gemm_call_cost(gemm_dtype, bottleneck, args.rounds)
+                    print(f"\n[{cpu_description()}] torch.mm {str(gemm_dtype).removeprefix('torch.')} per call, "
+                          "one thread, 196 rows: " + ", ".join(
+                              f"{name} {per_call:.0f} us ({overhead:+.0f} us vs 1/16 of 16 frames at once)"
+                              for name, (per_call, overhead) in costs.items()))
             inputs = make_inputs(dtype, bottleneck)
             candidates = {
-                "floor fwd": timed(gemm_floor(dtype, bottleneck, backward=False)),
-                "floor fwd+bwd": timed(gemm_floor(dtype, bottleneck, backward=True)),
                 "cpp fwd": timed_flow(cpp_flow, inputs, backward=False),
                 "cpp fwd+bwd": timed_flow(cpp_flow, inputs, backward=True),
                 "official fwd": timed_flow(official_flow, inputs, backward=False),
                 "official fwd+bwd": timed_flow(official_flow, inputs, backward=True),
             }
+            if native_floor:
+                candidates["floor fwd"] = timed(gemm_floor(dtype, bottleneck, backward=False))
+                candidates["floor fwd+bwd"] = timed(gemm_floor(dtype, bottleneck, backward=True))
             if dtype != torch.float32:
                 # The kernels compute in float32 whatever the dtype: its GEMMs are the attainable floor.
                 candidates["fp32 floor fwd"] = timed(gemm_floor(torch.float32, bottleneck, backward=False))
                 candidates["fp32 floor fwd+bwd"] = timed(gemm_floor(torch.float32, bottleneck, backward=True))
+                if not native_floor:
+                    candidates["floor fwd"], candidates["floor fwd+bwd"] = (
+                        candidates.pop("fp32 floor fwd"), candidates.pop("fp32 floor fwd+bwd"))
+            if args.gemm_paths:
+                for native, use_brgemm in fused_cpp.available_gemm_paths(dtype, CHANNELS, bottleneck):
+                    with forced_gemm_path(dtype, native, use_brgemm):
+                        name = fused_cpp.gemm_path(dtype, CHANNELS, bottleneck)
+                    for phase, backward in (("fwd", False), ("fwd+bwd", True)):
+                        run = timed_flow(cpp_flow, inputs, backward=backward)
+                        widened = " widened" if dtype != torch.float32 and not native else ""
+                        candidates[f"cpp[{name}{widened}] {phase}"] = (
+                            lambda run=run, native=native, use_brgemm=use_brgemm:
+                            _forced_run(run, dtype, native, use_brgemm))
             for tile in filter(None, args.tile_sweep.split(",")):
                 candidates[f"tile {tile} fwd"] = raw_op(inputs, int(tile), backward=False)
                 candidates[f"tile {tile} fwd+bwd"] = raw_op(inputs, int(tile), backward=True)
             m = interleaved_medians(candidates, args.rounds)
-            print(f"\n{dtype_name} Ca={bottleneck}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
+            floor_name = "torch.mm" if native_floor else "torch.mm in float32 (no native 16-bit GEMMs)"
+            print(f"\n{dtype_name} Ca={bottleneck} [{cpu_description()}] cpp GEMM path {path}, floor {floor_name}: "
+                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
             for phase in ("fwd", "fwd+bwd"):
                 floor_ratio, speedup = m[f"cpp {phase}"] / m[f"floor {phase}"], m[f"official {phase}"] / m[f"cpp {phase}"]
                 print(f"  {phase:8s} cpp / floor = {floor_ratio:.3f} {verdict(floor_ratio, FLOOR_TARGETS[phase], True)}   "
                       f"official / cpp = {speedup:.2f}x {verdict(speedup, SPEEDUP_TARGETS.get((dtype_name, phase)))}"
                       + (f"   cpp / fp32 floor = {m[f'cpp {phase}'] / m[f'fp32 floor {phase}']:.3f}"
                          if f"fp32 floor {phase}" in m else ""))
+            for name in (k.removesuffix(" fwd") for k in m if k.startswith("cpp[") and k.endswith(" fwd")):
+                print(f"  {name}: fwd / floor = {m[f'{name} fwd'] / m['floor fwd']:.3f}, "
+                      f"fwd+bwd / floor = {m[f'{name} fwd+bwd'] / m['floor fwd+bwd']:.3f}")
             for tile in filter(None, args.tile_sweep.split(",")):
                 print(f"  tile {tile}: fwd / floor = {m[f'tile {tile} fwd'] / m['floor fwd']:.3f}, "
                       f"fwd+bwd / floor = {m[f'tile {tile} fwd+bwd'] / m['floor fwd+bwd']:.3f}")

@@ -1087,13 +1087,62 @@ void check_inputs(const at::Tensor& x, const at::Tensor& written) {
 
 }  // namespace
 
+namespace {
+
+// One small product through this file's brgemm path (weight layout, column blocks, a partial last
+// block) against the exact result: small integers, exact in every dtype and in float32 sums. The
+// 16-bit path runs only on CPUs with AMX, so each new one checks it once before trusting it.
+bool brgemm_matches_exact_product(at::ScalarType dtype) {
+  constexpr int64_t m = 5, k = 2 * kBrgemmColumnMultiple, n = kBrgemmBlockN + kBrgemmColumnMultiple;
+  const auto wide = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor a = at::arange(m * k, wide).remainder(11).sub(5).view({m, k}).to(dtype);
+  const at::Tensor b = at::arange(k * n, wide).remainder(7).sub(3).view({k, n}).to(dtype);
+  const BrgemmWeight weight = make_brgemm_weight(b, dtype);
+  at::Tensor c = at::empty({m, n}, wide);
+  {
+    const BrgemmRelease release(/*vnni=*/dtype != at::kFloat);
+    dispatch_dtype(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      brgemm_rows(weight, a.const_data_ptr<T>(), k, m, c.data_ptr<float>(), n);
+    });
+  }
+  return at::equal(c, at::mm(a.to(at::kFloat), b.to(at::kFloat)));
+}
+
+}  // namespace
+
 // float32 from AVX2 on (ATen's oneDNN float32 ukernel; the extension itself needs AVX2), 16-bit
 // where cpublas::pack lays weights out for it (AMX), every K and N a whole number of packed
 // columns. Elsewhere cpublas::brgemm would quietly fall back to a library GEMM, or refuse VNNI.
+// Each dtype's path is also checked once on an exact product (a mismatch warns and disables it).
 bool brgemm_serves(at::ScalarType gemm_dtype, int64_t channels, int64_t bottleneck) {
-  if (gemm_dtype == at::kFloat) return true;
-  return at::native::cpublas::could_pack(gemm_dtype) && channels % kBrgemmColumnMultiple == 0 &&
-         bottleneck % kBrgemmColumnMultiple == 0;
+  if (gemm_dtype != at::kFloat && (!at::native::cpublas::could_pack(gemm_dtype) ||
+                                   channels % kBrgemmColumnMultiple != 0 || bottleneck % kBrgemmColumnMultiple != 0)) {
+    return false;
+  }
+  auto checked = [](at::ScalarType dtype) {
+    const bool exact = brgemm_matches_exact_product(dtype);
+    if (!exact) {
+      TORCH_WARN("stadapter_cpp: brgemm's ", dtype, " product differs from the exact one on this CPU; the cpp ",
+                 "backend uses the library GEMM instead");
+    }
+    return exact;
+  };
+  switch (gemm_dtype) {  // one check per dtype and process (thread-safe static initialisation)
+    case at::kFloat: {
+      static const bool exact = checked(at::kFloat);
+      return exact;
+    }
+    case at::kBFloat16: {
+      static const bool exact = checked(at::kBFloat16);
+      return exact;
+    }
+    case at::kHalf: {
+      static const bool exact = checked(at::kHalf);
+      return exact;
+    }
+    default: return false;
+  }
 }
 
 void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& fc1_weight,

@@ -10,7 +10,9 @@ path the cpp backend took (fused_cpp.gemm_path: brgemm/AMX, brgemm/AVX-512, brge
 MKL float32). First, per GEMM dtype, the per-call cost of torch.mm on one thread: one frame's
 196-row GEMM against a sixteenth of one 16-frame GEMM, for both GEMM shapes of the forward.
 `--gemm-paths` also times the cpp backend on every GEMM path this CPU has (forced, as the tests
-force them).
+force them). `--context` times one clip's cpp forward (the model modes' adapter call) right after
+itself, after a ViT-B MLP's two MKL GEMMs (the backbone's thread pool busy just before), and after
+touching 64 MiB (caches evicted): the in-model slowdown question of issue 15.
 
 ViT-B/16 adapter shapes (issue 4): B=2 videos x T=8 frames of L=197 tokens (prefix 1), C=768,
 kt=3; --batch and --tokens change B and L (e.g. --batch 1 --tokens 50: one tile per frame).
@@ -109,6 +111,32 @@ def gemm_call_cost(dtype, bottleneck, rounds, frames=16):
         return costs
     finally:
         torch.set_num_threads(previous)
+
+
+def context_medians(dtype, bottleneck, rounds):
+    """One clip's cpp forward timed alone, after the MLP GEMMs of a ViT-B block, after a cache flush."""
+    inputs = make_inputs(dtype, bottleneck)
+    x = inputs["x"][:FRAMES]
+    params = {k: v for k, v in inputs.items() if k != "x"}
+    hidden = torch.randn(FRAMES * TOKENS, CHANNELS).to(dtype)
+    w_in, w_out = torch.randn(CHANNELS, 4 * CHANNELS).to(dtype), torch.randn(4 * CHANNELS, CHANNELS).to(dtype)
+    flush = torch.empty(64 << 20, dtype=torch.uint8)
+
+    def adapter():
+        start = time.perf_counter()
+        with torch.no_grad():
+            cpp_flow(x, params, FRAMES)
+        return time.perf_counter() - start
+
+    def after(before):
+        def run():
+            before()
+            return adapter()
+        return run
+
+    return interleaved_medians({"after itself": after(adapter),
+                                "after MLP GEMMs": after(lambda: torch.mm(torch.mm(hidden, w_in), w_out)),
+                                "after 64 MiB flush": after(lambda: flush.add_(1))}, rounds)
 
 
 def verdict(value, target, at_most=False):
@@ -246,6 +274,8 @@ def main():
     parser.add_argument("--gemm-paths", action="store_true",
                         help="also time the cpp backend on every GEMM path this CPU has")
     parser.add_argument("--no-call-cost", action="store_true", help="skip the per-call torch.mm cost")
+    parser.add_argument("--context", action="store_true",
+                        help="also time one clip's cpp forward after itself, after MKL GEMMs, after a cache flush")
     args = parser.parse_args()
     BATCH, TOKENS = args.batch, args.tokens
     if args.threads is not None:
@@ -266,6 +296,10 @@ def main():
                           "one thread, 196 rows: " + ", ".join(
                               f"{name} {per_call:.0f} us ({overhead:+.0f} us vs 1/16 of 16 frames at once)"
                               for name, (per_call, overhead) in costs.items()))
+            if args.context:
+                m = context_medians(dtype, bottleneck, args.rounds)
+                print(f"\n[{cpu_description()}] {dtype_name} Ca={bottleneck} one clip's cpp forward ({path}): "
+                      + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in m.items()))
             inputs = make_inputs(dtype, bottleneck)
             candidates = {
                 "cpp fwd": timed_flow(cpp_flow, inputs, backward=False),

@@ -1,0 +1,185 @@
+"""Step 1: the Triton parity suite on CUDA, real kernels against the float64 oracle.
+
+The cases are the interpreter tests' own (`tests/triton/test_parity.py`: CASES, and BASE with
+every activation), read from that file so there is one source of truth, plus the ViT-B/16
+adapter shape the interpreter is too slow for. Every case runs through `tests/parity.py`'s
+`assert_matches_oracle`: output and every gradient, NaN-poisoned allocations, DESIGN.md's
+tolerances. float32 cases run twice, under torch's "highest" float32 matmul precision (the
+float32 tolerance) and "high" (tf32 and its tolerance); each case runs for every Triton variant
+of this build. On a GPU the cases are spread over `--jobs` processes, mostly to compile their
+kernels in parallel.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import functools
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+from . import kernels_api
+from .results import budget_exhausted
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_CASES = REPO / "tests" / "triton" / "test_parity.py"
+#: DESIGN.md: "float32 <= 1e-5 (tf32 on GPU: <= 5e-4)"; tests/parity.py has the rest.
+TF32_TOLERANCE = 5e-4
+#: float32 runs under both of torch's float32 matmul precisions that change what a GPU does.
+FLOAT32_PRECISIONS = ("highest", "high")
+#: A dry run (the interpreter, on CPU) checks the machinery on a few cases only.
+DRY_RUN_CASES = ("fp32", "bf16")
+
+
+def _parity_module():
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import parity
+
+    return parity
+
+
+@functools.cache
+def test_definitions() -> dict:
+    """The module-level definitions of tests/triton/test_parity.py, evaluated without pytest
+    (the lent machine may not have it): its imports other than pytest, its assignments and its
+    helpers, but none of its test functions."""
+    import torch
+
+    parity = _parity_module()
+    tree = ast.parse(TEST_CASES.read_text(), str(TEST_CASES))
+
+    def wanted(node) -> bool:
+        if isinstance(node, ast.Import):
+            return all(alias.name != "pytest" for alias in node.names)
+        if isinstance(node, ast.ImportFrom):
+            return node.module != "pytest"
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return not node.name.startswith(("test", "Test"))
+        return isinstance(node, (ast.Assign, ast.AnnAssign))
+
+    namespace = {"torch": torch, "parity": parity}
+    module = ast.Module(body=[node for node in tree.body if wanted(node)], type_ignores=[])
+    exec(compile(module, str(TEST_CASES), "exec"), namespace)
+    return namespace
+
+
+def cases(dry_run: bool) -> dict:
+    """name -> parity.Case: the interpreter tests' cases, BASE with every activation in every
+    dtype, and the ViT-B/16 adapter in every dtype (on a GPU)."""
+    import torch
+
+    definitions = test_definitions()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    named = dict(definitions["CASES"])
+    base = definitions["BASE"]
+    for activation in definitions["ACTIVATIONS"]:
+        for dtype_name, dtype in dtypes.items():
+            named[f"{activation}_{dtype_name}"] = base.with_(activation=activation, batch=1, dtype=dtype)
+    for dtype_name, dtype in dtypes.items():
+        named[f"vit_b_{dtype_name}"] = definitions["Case"](
+            batch=1, frames=8, tokens=197, channels=768, bottleneck=384, kernel_t=3, prefix=1,
+            activation="gelu", cond=True, dtype=dtype)
+    if dry_run:
+        named = {name: named[name] for name in DRY_RUN_CASES}
+    return named
+
+
+def plan(dry_run: bool) -> list[tuple[str, str, str | None]]:
+    """(variant, case name, float32 precision or None) for every item, in order."""
+    import torch
+
+    items = []
+    for variant in kernels_api.variants():
+        for name, case in cases(dry_run).items():
+            precisions = FLOAT32_PRECISIONS if case.dtype == torch.float32 else (None,)
+            items += [(variant, name, precision) for precision in precisions]
+    return items
+
+
+def item_name(variant: str, case_name: str, precision: str | None) -> str:
+    return f"{variant}/{case_name}" + (f"/{precision}" if precision else "")
+
+
+def run_item(variant: str, case_name: str, precision: str | None, dry_run: bool) -> dict:
+    """One case against the oracle; in a worker process of its own on a GPU."""
+    import torch
+
+    parity = _parity_module()
+    case = cases(dry_run)[case_name]
+    device = "cpu" if dry_run else "cuda"
+    tolerance = TF32_TOLERANCE if precision == "high" else parity.TOLERANCE[case.dtype]
+    started = time.time()
+    previous = torch.get_float32_matmul_precision()
+    try:
+        if precision:
+            torch.set_float32_matmul_precision(precision)
+        with kernels_api.forced_variant(variant):
+            errors = parity.assert_matches_oracle(case, backend="triton", device=device, tolerance=tolerance)
+    except kernels_api.NotInThisBuild as why:
+        return {"status": "unavailable", "detail": str(why)}
+    except AssertionError as failure:
+        return {"status": "fail", "detail": str(failure)[:2000], "tolerance": tolerance,
+                "seconds": round(time.time() - started, 2)}
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    worst = max(errors, key=errors.get)
+    return {"status": "pass", "detail": f"worst {worst} {errors[worst]:.2e} <= {tolerance:g}",
+            "errors": errors, "tolerance": tolerance, "case": repr(case), "seconds": round(time.time() - started, 2)}
+
+
+def _guarded_item(spec) -> dict:
+    try:
+        return run_item(*spec)
+    except Exception as error:  # one broken case must not hide the others
+        return {"status": "error", "detail": f"{type(error).__name__}: {error}"}
+
+
+def run(context) -> None:
+    items = plan(context.dry_run)
+    context.document["planned"] = [item_name(*spec) for spec in items]
+    specs = [(*spec, context.dry_run) for spec in items]
+    results: dict[int, dict] = {}
+
+    def record(index: int, result: dict) -> None:
+        results[index] = result
+        context.add({"name": item_name(*items[index]), **result})
+
+    if context.jobs <= 1:
+        for index, spec in enumerate(specs):
+            if context.time_left() <= 0:
+                context.skip_rest([item_name(*items[i]) for i in range(index, len(items))], budget_exhausted(context))
+                break
+            record(index, _guarded_item(spec))
+    else:
+        # spawn, not fork: the children use CUDA.
+        with concurrent.futures.ProcessPoolExecutor(context.jobs, mp_context=multiprocessing.get_context("spawn")) \
+                as pool:
+            futures = {pool.submit(_guarded_item, spec): index for index, spec in enumerate(specs)}
+            try:
+                for future in concurrent.futures.as_completed(futures, timeout=max(0.0, context.time_left())):
+                    try:
+                        result = future.result()
+                    except Exception as error:  # a worker process died (BrokenProcessPool): the rest fail alike
+                        result = {"status": "error", "detail": f"{type(error).__name__}: {error}"}
+                    record(futures[future], result)
+            except concurrent.futures.TimeoutError:
+                pending = [index for future, index in futures.items() if not future.done()]
+                for future in futures:
+                    future.cancel()
+                context.skip_rest([item_name(*items[i]) for i in sorted(pending)], budget_exhausted(context))
+                pool.shutdown(wait=False, cancel_futures=True)
+    # Items in plan order, whatever order the processes finished in.
+    order = {name: i for i, name in enumerate(context.document["planned"])}
+    context.document["items"].sort(key=lambda item: order.get(item["name"], len(order)))
+    context.document["tables"] = [{
+        "title": "worst relative error per case (tolerance)", "columns": ("item", "status", "worst", "tolerance"),
+        "rows": [(item["name"], item["status"], max(item["errors"].values()) if "errors" in item else None,
+                  item.get("tolerance")) for item in context.document["items"]]}]
+    failed = [i["name"] for i in context.document["items"] if i["status"] in ("fail", "error")]
+    context.document["findings"] = {"cases": len(items), "passed": sum(i["status"] == "pass" for i in context.document["items"]),
+                                    "failed": failed}
+    context.save()

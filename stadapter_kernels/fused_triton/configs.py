@@ -7,8 +7,9 @@ Public API (stable; the GPU check script builds on it):
   ring) and ``"two_gemm"`` (y written by a plain GEMM, then a GEMM with the conv in its prologue).
 - `VARIANT_KERNELS[variant]`: the autotuned kernels each variant launches, by name.
 - `shipped(variant=None)`: every shipped (variant, kernel, CA_PAD, TileConfig) as `Shipped` rows.
-- `forced(variant=..., **{kernel: config_name})`: a context manager that makes every call inside
-  it use that variant and/or exactly that config of the named kernels (no autotuning for them).
+- `forced(variant=..., frames_per_chunk=..., **{kernel: config_name})`: a context manager that
+  makes every call inside it use that variant, exactly that config of the named kernels (no
+  autotuning for them) and/or that T chunk length.
   The environment variables `STADAPTER_TRITON_VARIANT` (``fused``/``two_gemm``) and
   `STADAPTER_TRITON_CONFIG` (``kernel=config_name,...``) do the same for a whole process; the
   context manager wins over them.
@@ -178,32 +179,49 @@ def _checked_variant(variant: str) -> str:
     return variant
 
 
-_FORCED: contextvars.ContextVar[tuple[str | None, dict[str, str]]] = contextvars.ContextVar(
-    "stadapter_triton_forced", default=(None, {}))
+@dataclass(frozen=True)
+class _Forcing:
+    variant: str | None = None
+    kernel_configs: tuple[tuple[str, str], ...] = ()
+    frames_per_chunk: int | None = None
+
+
+_FORCED: contextvars.ContextVar[_Forcing] = contextvars.ContextVar("stadapter_triton_forced", default=_Forcing())
 
 
 @contextlib.contextmanager
-def forced(variant: str | None = None, **kernel_configs: str | TileConfig):
-    """Run every call inside with this variant and/or these configs, by kernel name.
+def forced(variant: str | None = None, *, frames_per_chunk: int | None = None, **kernel_configs: str | TileConfig):
+    """Run every call inside with this variant, these configs (by kernel name) and/or this
+    T chunk length of the persistent kernels' work items.
 
         with configs.forced(variant="two_gemm", up_gemm="p32_c128_w8_s2_r255"):
             out = st_adapter(..., backend="triton")
 
     A forced kernel launches that config only (no autotuning); a name that is not shipped for
-    the call's CA_PAD raises ValueError at the launch. Nests: inner settings add to outer ones.
+    the call's CA_PAD raises ValueError at the launch. `frames_per_chunk` replaces the chunk
+    length chosen from the shape and SM count (results are the same bits either way). Nests:
+    inner settings add to outer ones.
     """
     if variant is not None:
         _checked_variant(variant)
     unknown = set(kernel_configs) - set(TUNED_KERNELS)
     if unknown:
         raise ValueError(f"unknown kernel(s) {sorted(unknown)}; tuned kernels are {TUNED_KERNELS}")
-    outer_variant, outer_configs = _FORCED.get()
+    if frames_per_chunk is not None and frames_per_chunk < 1:
+        raise ValueError(f"frames_per_chunk must be >= 1, got {frames_per_chunk}")
+    outer = _FORCED.get()
     names = {k: (c.name if isinstance(c, TileConfig) else c) for k, c in kernel_configs.items()}
-    token = _FORCED.set((variant or outer_variant, {**outer_configs, **names}))
+    token = _FORCED.set(_Forcing(variant or outer.variant, tuple({**dict(outer.kernel_configs), **names}.items()),
+                                 frames_per_chunk or outer.frames_per_chunk))
     try:
         yield
     finally:
         _FORCED.reset(token)
+
+
+def forced_frames_per_chunk() -> int | None:
+    """The T chunk length forced by `forced(frames_per_chunk=...)`, or None."""
+    return _FORCED.get().frames_per_chunk
 
 
 def _environment_configs() -> dict[str, str]:
@@ -219,7 +237,7 @@ def _environment_configs() -> dict[str, str]:
 
 def forced_config(kernel: str, bottleneck: int) -> TileConfig | None:
     """The config forced for this kernel (by `forced` or ENV_CONFIG), or None to autotune."""
-    name = {**_environment_configs(), **_FORCED.get()[1]}.get(kernel)
+    name = {**_environment_configs(), **dict(_FORCED.get().kernel_configs)}.get(kernel)
     if name is None:
         return None
     available = SHIPPED[(kernel, ca_pad(bottleneck))]
@@ -237,7 +255,7 @@ def auto_variant(device_name: str) -> str:
 
 def variant_for(device: torch.device) -> str:
     """The variant a call on `device` runs: forced, else STADAPTER_TRITON_VARIANT, else the table."""
-    variant = _FORCED.get()[0] or os.environ.get(ENV_VARIANT, "").strip() or None
+    variant = _FORCED.get().variant or os.environ.get(ENV_VARIANT, "").strip() or None
     if variant is not None:
         return _checked_variant(variant)
     if device.type != "cuda":

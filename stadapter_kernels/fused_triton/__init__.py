@@ -98,7 +98,10 @@ def _persistent_programs(device: torch.device) -> int:
     tests also cover programs that take several work items."""
     if device.type != "cuda":
         return configs.INTERPRETER_PROGRAMS
-    return torch.cuda.get_device_properties(device).multi_processor_count * configs.PROGRAMS_PER_SM
+    properties = torch.cuda.get_device_properties(device)
+    fewest = min(configs.programs_per_sm(c, properties.max_threads_per_multi_processor)
+                 for c in configs.configs_for("forward", 16))
+    return properties.multi_processor_count * fewest
 
 
 def _scratch(programs: int, kernel: str, tiles: int, params: AdapterTensors, dtype, device) -> torch.Tensor:

@@ -174,3 +174,25 @@ def test_every_float32_case_runs_in_float32_precision_and_some_in_tf32(dry_run):
     float32 = {name for _, name, precision in items if precision}
     assert {name for _, name, precision in items if precision == "highest"} == float32
     assert {name for _, name, precision in items if precision == "high"}
+
+
+def test_parity_cases_run_in_processes_until_the_time_is_up():
+    """The process pool a GPU run spreads the parity cases over (a dry run uses one process)."""
+    deadline = time.time() + 20
+    results = dict(parity_step.in_processes(abs, [-1, -2, -3], 2, lambda: deadline - time.time()))
+    assert results == {0: 1, 1: 2, 2: 3}
+
+    started = time.time()
+    deadline = started + 15
+    results = dict(parity_step.in_processes(time.sleep, [0.0, 120.0, 120.0], 2, lambda: deadline - time.time()))
+    assert results == {0: None, 1: parity_step.NOT_RUN, 2: parity_step.NOT_RUN}
+    assert time.time() - started < 45
+
+
+def test_a_long_log_keeps_its_head_and_tail(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"first line\n" + b"x" * 5000 + b"\nlast line\n")
+    parent.cap_log(str(path), limit=1000)
+    text = path.read_bytes()
+    assert text.startswith(b"first line") and text.endswith(b"last line\n") and len(text) < 1100
+    assert b"bytes cut" in text

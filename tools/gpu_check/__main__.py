@@ -26,6 +26,8 @@ from .results import read_json, utc_now, write_json
 REPO = Path(__file__).resolve().parents[2]
 #: How often the parent looks at the worker's progress.
 POLL_S = 0.25
+#: log.txt is cut to its head and tail beyond this, so it stays small enough to come back.
+LOG_LIMIT_BYTES = 1 << 20
 #: How long a worker that has finished every step may take to exit.
 EXIT_GRACE_S = 30
 
@@ -131,6 +133,19 @@ def record_outcome(out_dir: str, steps, outcome: dict[int, tuple[str, str]]) -> 
         write_json(path, document)
 
 
+def cap_log(path: str, limit: int = LOG_LIMIT_BYTES) -> None:
+    """Keep the first quarter and the last three quarters of `limit` bytes of a longer log."""
+    size = os.path.getsize(path)
+    if size <= limit:
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(limit // 4)
+        handle.seek(size - (limit - limit // 4))
+        tail = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(head + f"\n[... {size - limit} bytes cut ...]\n".encode() + tail)
+
+
 def worker_environment(dry_run: bool) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -191,6 +206,7 @@ def main(argv=None) -> int:
 
         outcome = orchestrate(STEPS, launch, status_path, deadline - summary.RESERVE_S)
     record_outcome(out_dir, STEPS, outcome)
+    cap_log(os.path.join(out_dir, LOG))
     document = summary.write(out_dir, STEPS, time.time() - started)
     print(summary.console_lines(document), flush=True)
     return 0 if document["verdict"] == "pass" else 1

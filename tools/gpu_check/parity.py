@@ -143,40 +143,53 @@ def _guarded_item(spec) -> dict:
         return {"status": "error", "detail": f"{type(error).__name__}: {error}"}
 
 
+#: What `in_processes` yields for a spec that did not run before the time ran out.
+NOT_RUN = object()
+
+
+def in_processes(function, specs: list, jobs: int, seconds_left):
+    """Yield (index, result) for every spec as `function(spec)` finishes, in `jobs` spawned
+    processes (one: in this process), until `seconds_left()` reaches 0; then (index, NOT_RUN)
+    for each spec that has not finished, whose processes are stopped. A result is the
+    exception instead where a process died (BrokenProcessPool)."""
+    if jobs <= 1:
+        for index, spec in enumerate(specs):
+            if seconds_left() <= 0:
+                yield from ((rest, NOT_RUN) for rest in range(index, len(specs)))
+                return
+            yield index, function(spec)
+        return
+    # spawn, not fork: the children use CUDA.
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    futures = {pool.submit(function, spec): index for index, spec in enumerate(specs)}
+    try:
+        for future in concurrent.futures.as_completed(futures, timeout=max(0.0, seconds_left())):
+            try:
+                yield futures[future], future.result()
+            except Exception as error:
+                yield futures[future], error
+    except concurrent.futures.TimeoutError:
+        yield from sorted((index, NOT_RUN) for future, index in futures.items() if not future.done())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():  # the pool's processes, still busy with a spec
+            child.terminate()
+    pool.shutdown(wait=True)
+
+
 def run(context) -> None:
     items = plan(context.dry_run)
     context.document["planned"] = [item_name(*spec) for spec in items]
     specs = [(*spec, context.dry_run) for spec in items]
-    results: dict[int, dict] = {}
-
-    def record(index: int, result: dict) -> None:
-        results[index] = result
+    not_run = []
+    for index, result in in_processes(_guarded_item, specs, context.jobs, context.time_left):
+        if result is NOT_RUN:
+            not_run.append(item_name(*items[index]))
+            continue
+        if isinstance(result, Exception):  # its process died, and with it the pool
+            result = {"status": "error", "detail": f"{type(result).__name__}: {result}"}
         context.add({"name": item_name(*items[index]), **result})
-
-    if context.jobs <= 1:
-        for index, spec in enumerate(specs):
-            if context.time_left() <= 0:
-                context.skip_rest([item_name(*items[i]) for i in range(index, len(items))], budget_exhausted(context))
-                break
-            record(index, _guarded_item(spec))
-    else:
-        # spawn, not fork: the children use CUDA.
-        with concurrent.futures.ProcessPoolExecutor(context.jobs, mp_context=multiprocessing.get_context("spawn")) \
-                as pool:
-            futures = {pool.submit(_guarded_item, spec): index for index, spec in enumerate(specs)}
-            try:
-                for future in concurrent.futures.as_completed(futures, timeout=max(0.0, context.time_left())):
-                    try:
-                        result = future.result()
-                    except Exception as error:  # a worker process died (BrokenProcessPool): the rest fail alike
-                        result = {"status": "error", "detail": f"{type(error).__name__}: {error}"}
-                    record(futures[future], result)
-            except concurrent.futures.TimeoutError:
-                pending = [index for future, index in futures.items() if not future.done()]
-                for future in futures:
-                    future.cancel()
-                context.skip_rest([item_name(*items[i]) for i in sorted(pending)], budget_exhausted(context))
-                pool.shutdown(wait=False, cancel_futures=True)
+    if not_run:
+        context.skip_rest(not_run, budget_exhausted(context))
     # Items in plan order, whatever order the processes finished in.
     order = {name: i for i, name in enumerate(context.document["planned"])}
     context.document["items"].sort(key=lambda item: order.get(item["name"], len(order)))
@@ -184,7 +197,7 @@ def run(context) -> None:
         "title": "worst relative error per case (tolerance)", "columns": ("item", "status", "worst", "tolerance"),
         "rows": [(item["name"], item["status"], max(item["errors"].values()) if "errors" in item else None,
                   item.get("tolerance")) for item in context.document["items"]]}]
-    failed = [i["name"] for i in context.document["items"] if i["status"] in ("fail", "error")]
-    context.document["findings"] = {"cases": len(items), "passed": sum(i["status"] == "pass" for i in context.document["items"]),
-                                    "failed": failed}
+    items_done = context.document["items"]
+    context.document["findings"] = {"cases": len(items), "passed": sum(i["status"] == "pass" for i in items_done),
+                                    "failed": [i["name"] for i in items_done if i["status"] in ("fail", "error")]}
     context.save()

@@ -57,6 +57,8 @@ def test_dry_run_writes_every_result_file(tmp_path):
     parity_items = [item for item in documents["parity"]["items"]]
     assert {item["name"].split("/")[0] for item in parity_items} == set(configs.VARIANTS)
     assert all(item["status"] == "pass" and item["errors"] for item in parity_items)
+    # Each item ran the variant it names, as explain says.
+    assert all(any(f"variant {item['name'].split('/')[0]} " in note for note in item["explain"]) for item in parity_items)
 
     records = documents["bench"]["records"]
     fused = [r for r in records if r["provider"] == "fused"]

@@ -112,7 +112,7 @@ def orchestrate(steps, launch, status_path: str, deadline: float) -> dict[int, t
                 break
             time.sleep(POLL_S)
         try:
-            process.wait(timeout=EXIT_GRACE_S)
+            process.wait(timeout=max(1.0, min(EXIT_GRACE_S, deadline - time.time())))
         except subprocess.TimeoutExpired:  # every step is done but the worker hangs on its way out
             stop(process)
         if not killed:

@@ -216,16 +216,17 @@ def auto_table(context, rows: list, device_name: str) -> dict:
 
 @contextlib.contextmanager
 def persistent_programs(count: int):
-    """Launch the persistent kernels with `count` programs. The launcher has no public hook for
-    this, so its `_persistent_programs` is replaced for the duration."""
+    """Launch the persistent kernels with `count` programs (which also sizes their scratch ring
+    and enters the choice of T chunks). The launcher has no public hook for this, so its
+    `_sm_programs` (programs of a config on a device) is replaced for the duration."""
     import stadapter_kernels.fused_triton as launcher
 
-    original = launcher._persistent_programs
-    launcher._persistent_programs = lambda device: count
+    original = launcher._sm_programs
+    launcher._sm_programs = lambda config, device: count
     try:
         yield
     finally:
-        launcher._persistent_programs = original
+        launcher._sm_programs = original
 
 
 def ring_footprint(context, rows: list) -> dict:
@@ -234,15 +235,16 @@ def ring_footprint(context, rows: list) -> dict:
     import stadapter_kernels.fused_triton as launcher
     from benchmarks import measure
     from benchmarks.providers import micro_case
+    from stadapter_kernels.fused_triton import configs
 
     device = torch.device(context.device)
-    default = launcher._persistent_programs(device)
+    shape = bench_shape(context, 8 if not context.dry_run else 2)
+    default = max(launcher._sm_programs(c, device) for c in configs.configs_for("forward", shape.Ca))
     if context.dry_run:
         counts = sorted({1, default})
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         counts = sorted({sms // 2, sms, default, 2 * sms, 4 * sms})
-    shape = bench_shape(context, 8 if not context.dry_run else 2)
     results = {}
     for mode in ("forward", "forward_backward"):
         fused = micro_case("fused", mode, shape, torch.bfloat16, context.device).run

@@ -113,6 +113,8 @@ def item_name(variant: str, case_name: str, precision: str | None) -> str:
 def run_item(variant: str, case_name: str, precision: str | None, dry_run: bool) -> dict:
     """One case against the oracle; in a worker process of its own on a GPU."""
     import torch
+
+    import stadapter_kernels as sk
     from stadapter_kernels.fused_triton import configs
 
     parity = _parity_module()
@@ -125,15 +127,18 @@ def run_item(variant: str, case_name: str, precision: str | None, dry_run: bool)
         if precision:
             torch.set_float32_matmul_precision(precision)
         with configs.forced(variant=variant):
+            # explain's notes say which variant ran and how float32 dots ran.
+            notes = list(parity.call(sk.explain, parity.make_inputs(case, device, seed=0), case, backend="triton").notes)
             errors = parity.assert_matches_oracle(case, backend="triton", device=device, tolerance=tolerance)
     except AssertionError as failure:
-        return {"status": "fail", "detail": str(failure)[:2000], "tolerance": tolerance,
+        return {"status": "fail", "detail": str(failure)[:2000], "tolerance": tolerance, "explain": notes,
                 "seconds": round(time.time() - started, 2)}
     finally:
         torch.set_float32_matmul_precision(previous)
     worst = max(errors, key=errors.get)
     return {"status": "pass", "detail": f"worst {worst} {errors[worst]:.2e} <= {tolerance:g}",
-            "errors": errors, "tolerance": tolerance, "case": repr(case), "seconds": round(time.time() - started, 2)}
+            "errors": errors, "tolerance": tolerance, "explain": notes, "case": repr(case),
+            "seconds": round(time.time() - started, 2)}
 
 
 def _guarded_item(spec) -> dict:

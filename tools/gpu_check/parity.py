@@ -71,38 +71,38 @@ def test_definitions() -> dict:
 
 
 def cases(dry_run: bool) -> dict:
-    """name -> parity.Case: the interpreter tests' cases, BASE with every activation in every
-    dtype, and the ViT-B/16 adapter in every dtype (on a GPU)."""
+    """name -> parity.Case, most telling first (a run cut off at the time box keeps those): the
+    ViT-B/16 adapter in every dtype, the interpreter tests' cases, BASE with every activation in
+    every dtype."""
     import torch
 
     definitions = test_definitions()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    named = dict(definitions["CASES"])
+    named = {f"vit_b_{dtype_name}": definitions["Case"](
+        batch=1, frames=8, tokens=197, channels=768, bottleneck=384, kernel_t=3, prefix=1, activation="gelu",
+        cond=True, dtype=dtype) for dtype_name, dtype in dtypes.items()}
+    named.update(definitions["CASES"])
     base = definitions["BASE"]
     for activation in definitions["ACTIVATIONS"]:
         for dtype_name, dtype in dtypes.items():
             named[f"{activation}_{dtype_name}"] = base.with_(activation=activation, batch=1, dtype=dtype)
-    for dtype_name, dtype in dtypes.items():
-        named[f"vit_b_{dtype_name}"] = definitions["Case"](
-            batch=1, frames=8, tokens=197, channels=768, bottleneck=384, kernel_t=3, prefix=1,
-            activation="gelu", cond=True, dtype=dtype)
     if dry_run:
         named = {name: named[name] for name in DRY_RUN_CASES}
     return named
 
 
 def plan(dry_run: bool) -> list[tuple[str, str, str | None]]:
-    """(variant, case name, float32 precision or None) for every item, in order."""
+    """(variant, case name, float32 precision or None) for every item, in the order of `cases`,
+    each case for every variant."""
     import torch
     from stadapter_kernels.fused_triton import configs
 
     items = []
-    for variant in configs.VARIANTS:
-        for name, case in cases(dry_run).items():
-            precisions = (None,)
-            if case.dtype == torch.float32:
-                precisions = ALL_FLOAT32_PRECISIONS if name in BOTH_PRECISIONS else ("highest",)
-            items += [(variant, name, precision) for precision in precisions]
+    for name, case in cases(dry_run).items():
+        precisions = (None,)
+        if case.dtype == torch.float32:
+            precisions = ALL_FLOAT32_PRECISIONS if name in BOTH_PRECISIONS else ("highest",)
+        items += [(variant, name, precision) for precision in precisions for variant in configs.VARIANTS]
     return items
 
 

@@ -2,8 +2,8 @@
 
 In order, most telling first, each an item (a table where it measures):
 
-1. bit-equality: every shipped config of every kernel of each variant, T chunkings, and a
-   second run, all give the same bits of the output and every gradient;
+1. bit-equality: every shipped config of every kernel of each variant, autotuning's pick, T
+   chunkings, and a second run, all give the same bits of the output and every gradient;
 2. B = 1, 8, 32 (T = 8) of both variants against the eager reference and the floor, and which
    variant wins on this device: the entry `configs.AUTO_VARIANT` should get;
 3. the fused variant's ring footprint: time and memory against the number of persistent programs;
@@ -119,7 +119,7 @@ def bit_equality(context, variant: str, dtype) -> dict:
     ca_pad = configs.ca_pad(case.bottleneck)
     shipped = {kernel: [c.name for c in configs.SHIPPED[(kernel, ca_pad)]] for kernel in configs.VARIANT_KERNELS[variant]}
     first = {kernel: names[0] for kernel, names in shipped.items()}
-    runs = [("first configs", first, None), ("first configs, run again", first, None)]
+    runs = [("first configs", first, None), ("first configs, run again", first, None), ("autotuned", {}, None)]
     alternatives = [(f"{kernel}={name}", {**first, kernel: name}, None)
                     for kernel, names in shipped.items() for name in names[1:]]
     runs += alternatives[:ALTERNATIVES[context.device]]
@@ -158,12 +158,12 @@ def untimed_first_call(context, runs: dict) -> None:
             run()
 
 
-def _under(variant: str | None, run, **forcing):
-    """`run`, called inside configs.forced(variant, ...) every time (forcing is per call)."""
+def _under(variant: str, run):
+    """`run`, called inside configs.forced(variant) every time (forcing holds per call)."""
     from stadapter_kernels.fused_triton import configs
 
     def forced_run():
-        with configs.forced(variant=variant, **forcing):
+        with configs.forced(variant=variant):
             return run()
 
     return forced_run

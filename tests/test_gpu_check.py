@@ -2,7 +2,6 @@
 without CUDA, the parent's time boxes, the summary, and that it reads the Triton tests' cases."""
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -54,7 +53,7 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert documents["environment"]["peaks"]["bandwidth"] > 0
 
     from stadapter_kernels.fused_triton import configs
-    parity_items = [item for item in documents["parity"]["items"]]
+    parity_items = documents["parity"]["items"]
     assert {item["name"].split("/")[0] for item in parity_items} == set(configs.VARIANTS)
     assert all(item["status"] == "pass" and item["errors"] for item in parity_items)
     # Each item ran the variant it names, as explain says.

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import os
 
+from benchmarks import config, runner
+from benchmarks.providers import Shape
+from benchmarks.roofline import roofline
+
+from . import STEPS
 from .results import budget_exhausted, read_json
 
 #: The dry run's one tiny shape (the interpreter is numpy underneath).
@@ -28,9 +33,6 @@ REQUIRED = ("official", "reference", "floor")
 
 
 def planned_cases(device: str) -> list[tuple[str, object, str]]:
-    from benchmarks import runner
-    from benchmarks.providers import Shape
-
     if device == "cpu":
         shape = Shape(**DRY_RUN_SHAPE)
         return [(mode, shape, "bfloat16") for mode in MODES]
@@ -41,10 +43,6 @@ def planned_cases(device: str) -> list[tuple[str, object, str]]:
 
 def device_machine(out_dir: str):
     """This device as a benchmarks.config.Roofline, from step 0's measured peaks (None without them)."""
-    from benchmarks import config
-
-    from . import STEPS
-
     environment = read_json(os.path.join(out_dir, STEPS[0].filename)) or {}
     peaks = environment.get("peaks")
     if not peaks:
@@ -88,9 +86,6 @@ def roofline_rows(records: list[dict]) -> list[tuple]:
 
 
 def run(context) -> None:
-    from benchmarks import config, runner
-    from benchmarks.roofline import roofline
-
     device = context.device
     doc = context.document
     doc["changes_to_the_quick_sweep"] = [f"compile mode {COMPILE_MODE!r} (the sweep's {config.COMPILE_MODE!r} "

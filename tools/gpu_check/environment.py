@@ -10,6 +10,12 @@ import platform
 import subprocess
 from pathlib import Path
 
+import numpy
+import torch
+import triton
+
+from benchmarks import measure
+
 from .results import guarded
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,10 +61,6 @@ def nvidia_smi() -> dict:
 
 
 def versions() -> dict:
-    import numpy
-    import torch
-    import triton
-
     found = {"torch": major_minor(torch.__version__), "triton": major_minor(triton.__version__)}
     too_old = [f"{name} {'.'.join(map(str, v))} < {'.'.join(map(str, OLDEST[name]))}"
                for name, v in found.items() if v < OLDEST[name]]
@@ -69,8 +71,6 @@ def versions() -> dict:
 
 
 def device_info(device: str) -> dict:
-    import torch
-
     if device != "cuda":
         return {"device_name": f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)",
                 "driver": None, "sms": None, "capability": None}
@@ -87,8 +87,6 @@ def device_info(device: str) -> dict:
 
 
 def _median_s(fn, device: str) -> float:
-    from benchmarks import measure
-
     samples = measure.time_round_robin({"run": fn}, warmup=1, repeats=3, device=device)["run"]
     return measure.summarize(samples)["median_ms"] / 1e3
 
@@ -96,8 +94,6 @@ def _median_s(fn, device: str) -> float:
 def measure_peaks(device: str) -> dict:
     """HBM bandwidth of a large copy (bytes read + written / s) and dense GEMM FLOP/s, keyed as
     benchmarks.config.H100's peaks so benchmarks.roofline can use them as a machine."""
-    import torch
-
     copy_bytes, n = PEAK_SIZES[device]
     source = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     target = torch.empty_like(source)

@@ -24,6 +24,18 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import stadapter_kernels as sk
+import stadapter_kernels.fused_triton as launcher
+from benchmarks import config, measure
+from benchmarks.providers import Shape, micro_case
+from stadapter_kernels.fused_triton import configs
+from stadapter_kernels.reference import oracle
+from tools import model_h100
+
+from . import STEPS
 from .results import budget_exhausted, guarded, read_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,8 +73,6 @@ def _parity():
 def adapter_case(context, **changes):
     """The ViT-B/16 adapter (B 2, T 8, gelu, cond, biases) as a parity.Case; tiny in a dry run.
     gelu with cond is also step 1's ViT-B case, so its kernels are compiled already."""
-    import torch
-
     parity = _parity()
     if context.dry_run:
         base = parity.Case(batch=1, frames=2, tokens=8, channels=16, bottleneck=16)
@@ -73,8 +83,6 @@ def adapter_case(context, **changes):
 
 def bench_shape(context, batch: int):
     """A benchmarks Shape of batch `batch`: the quick sweep's ViT-B/16 adapter, tiny in a dry run."""
-    from benchmarks.providers import Shape
-
     if context.dry_run:
         return Shape(B=batch, T=2, L=10, C=32, Ca=16)
     return Shape(B=batch, T=FRAMES, L=197, C=768, Ca=384)
@@ -82,10 +90,6 @@ def bench_shape(context, batch: int):
 
 def forward_backward(case, inputs: dict, grad_out) -> dict:
     """Output and every gradient of one backend="triton" call, by name."""
-    import torch
-
-    import stadapter_kernels as sk
-
     parity = _parity()
     leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
     out = parity.call(sk.st_adapter, {n: leaves.get(n) for n in parity.INPUT_NAMES}, case, backend="triton")
@@ -94,14 +98,10 @@ def forward_backward(case, inputs: dict, grad_out) -> dict:
 
 
 def differing(first: dict, second: dict) -> list[str]:
-    import torch
-
     return [name for name in first if not torch.equal(first[name], second[name])]
 
 
 def _inputs(case, device: str, seed: int = 0):
-    import torch
-
     parity = _parity()
     inputs = parity.make_inputs(case, device, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -112,8 +112,6 @@ def _inputs(case, device: str, seed: int = 0):
 # 1. bit-equality -------------------------------------------------------------------------------
 
 def bit_equality(context, variant: str, dtype) -> dict:
-    from stadapter_kernels.fused_triton import configs
-
     case = adapter_case(context, dtype=dtype)
     inputs, grad_out = _inputs(case, context.device)
     ca_pad = configs.ca_pad(case.bottleneck)
@@ -144,8 +142,6 @@ def bit_equality(context, variant: str, dtype) -> dict:
 
 def _timed(context, runs: dict) -> dict:
     """Median ms of each run, timed round-robin (do_bench samples on a GPU)."""
-    from benchmarks import measure
-
     warmup, repeats = (0, 1) if context.dry_run else (1, 5)
     samples = measure.time_round_robin(runs, warmup=warmup, repeats=repeats, device=context.device)
     return {name: measure.summarize(s)["median_ms"] for name, s in samples.items()}
@@ -160,8 +156,6 @@ def untimed_first_call(context, runs: dict) -> None:
 
 def _under(variant: str, run):
     """`run`, called inside configs.forced(variant) every time (forcing holds per call)."""
-    from stadapter_kernels.fused_triton import configs
-
     def forced_run():
         with configs.forced(variant=variant):
             return run()
@@ -170,10 +164,6 @@ def _under(variant: str, run):
 
 
 def batch_sweep(context, dtype_name: str, mode: str, rows: list) -> dict:
-    from benchmarks import config
-    from benchmarks.providers import micro_case
-    from stadapter_kernels.fused_triton import configs
-
     dtype = config.DTYPES[dtype_name]
     lines = []
     for batch in BATCHES[context.device]:
@@ -193,8 +183,6 @@ def batch_sweep(context, dtype_name: str, mode: str, rows: list) -> dict:
 def auto_table(context, rows: list, device_name: str) -> dict:
     """The variant `auto` should run here: the lowest geometric mean of time over the best
     variant's, across every measured (dtype, mode, B)."""
-    from stadapter_kernels.fused_triton import configs
-
     if not rows:
         return {"status": "skipped", "detail": "no batch sweep was measured"}
     variants = configs.VARIANTS
@@ -219,8 +207,6 @@ def persistent_programs(count: int):
     """Launch the persistent kernels with `count` programs (which also sizes their scratch ring
     and enters the choice of T chunks). The launcher has no public hook for this, so its
     `_sm_programs` (programs of a config on a device) is replaced for the duration."""
-    import stadapter_kernels.fused_triton as launcher
-
     original = launcher._sm_programs
     launcher._sm_programs = lambda config, device: count
     try:
@@ -230,13 +216,6 @@ def persistent_programs(count: int):
 
 
 def ring_footprint(context, rows: list) -> dict:
-    import torch
-
-    import stadapter_kernels.fused_triton as launcher
-    from benchmarks import measure
-    from benchmarks.providers import micro_case
-    from stadapter_kernels.fused_triton import configs
-
     device = torch.device(context.device)
     shape = bench_shape(context, 8 if not context.dry_run else 2)
     default = max(launcher._sm_programs(c, device) for c in configs.configs_for("forward", shape.Ca))
@@ -289,12 +268,6 @@ def model_entries(kernel: str, entries: list) -> list:
 
 
 def profiled_kernels(context, variant: str, rows: list, bandwidth: float | None) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from benchmarks.providers import micro_case
-    from tools import model_h100
-
     shape = bench_shape(context, 8 if not context.dry_run else 2)
     run = _under(variant, micro_case("fused", "forward_backward", shape, torch.bfloat16, context.device).run)
     for _ in range(PROFILER_WARMUP[context.device]):
@@ -335,12 +308,6 @@ def int64_case(context, variant: str) -> dict:
     """x with more than 2^31 elements; only the last video gets a non-zero output gradient, so
     the output of that video, dx and every parameter gradient can be checked against the float64
     oracle on that video alone (the other videos' dx must be exactly zero)."""
-    import torch
-
-    import stadapter_kernels as sk
-    from stadapter_kernels.fused_triton import configs
-    from stadapter_kernels.reference import oracle
-
     parity = _parity()
     one = adapter_case(context, batch=1)
     per_video = one.frames * one.tokens * one.channels
@@ -391,18 +358,12 @@ def cuda_graph(context, variant: str, cold: bool) -> dict:
     """Capture one forward + backward in a CUDA graph, replay it, and compare its bits with an
     eager call. Cold: the shape's kernels were never launched in this process, so the capture
     meets their first launch (autotuning); warm: an eager call ran first."""
-    import torch
-
-    from stadapter_kernels.fused_triton import configs
-
     if context.device != "cuda":
         return {"status": "unavailable", "detail": "CUDA graphs need a GPU (dry run)"}
     case = adapter_case(context, channels=COLD_WIDTHS[variant], bottleneck=128, activation="silu") if cold \
         else adapter_case(context)
     inputs, grad_out = _inputs(case, "cuda", seed=5)
     parity = _parity()
-    import stadapter_kernels as sk
-
     leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
     with configs.forced(variant=variant):
         if not cold:
@@ -429,12 +390,6 @@ def cuda_graph(context, variant: str, cold: bool) -> dict:
 # the step ------------------------------------------------------------------------------------------
 
 def run(context) -> None:
-    import torch
-
-    from stadapter_kernels.fused_triton import configs
-
-    from . import STEPS
-
     doc = context.document
     doc["findings"] = {}
     environment = read_json(os.path.join(context.out_dir, STEPS[0].filename)) or {}

@@ -6,8 +6,9 @@ adapter shape the interpreter is too slow for. Every case runs through `tests/pa
 `assert_matches_oracle`: output and every gradient, NaN-poisoned allocations, DESIGN.md's
 tolerances. float32 cases run twice, under torch's "highest" float32 matmul precision (the
 float32 tolerance), and the base and ViT-B cases also under "high" (tf32 and its tolerance);
-each case runs for every Triton variant (`configs.VARIANTS`, forced with `configs.forced`). On a GPU the cases are spread over `--jobs` processes, mostly to compile their
-kernels in parallel.
+each case runs for every Triton variant (`configs.VARIANTS`, forced with `configs.forced`).
+On a GPU the cases are spread over `--jobs` processes, mostly to compile their kernels in
+parallel.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import functools
 import multiprocessing
 import sys
 import time
+import traceback
 from pathlib import Path
+
+import torch
+
+import stadapter_kernels as sk
+from stadapter_kernels.fused_triton import configs
 
 from .results import budget_exhausted
 
@@ -50,8 +57,6 @@ def test_definitions() -> dict:
     """The module-level definitions of tests/triton/test_parity.py, evaluated without pytest
     (the lent machine may not have it): its imports other than pytest, its assignments and its
     helpers, but none of its test functions."""
-    import torch
-
     parity = _parity_module()
     tree = ast.parse(TEST_CASES.read_text(), str(TEST_CASES))
 
@@ -74,8 +79,6 @@ def cases(dry_run: bool) -> dict:
     """name -> parity.Case, most telling first (a run cut off at the time box keeps those): the
     ViT-B/16 adapter in every dtype, the interpreter tests' cases, BASE with every activation in
     every dtype."""
-    import torch
-
     definitions = test_definitions()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     named = {f"vit_b_{dtype_name}": definitions["Case"](
@@ -94,9 +97,6 @@ def cases(dry_run: bool) -> dict:
 def plan(dry_run: bool) -> list[tuple[str, str, str | None]]:
     """(variant, case name, float32 precision or None) for every item, in the order of `cases`,
     each case for every variant."""
-    import torch
-    from stadapter_kernels.fused_triton import configs
-
     items = []
     for name, case in cases(dry_run).items():
         precisions = (None,)
@@ -112,17 +112,13 @@ def item_name(variant: str, case_name: str, precision: str | None) -> str:
 
 def run_item(variant: str, case_name: str, precision: str | None, dry_run: bool) -> dict:
     """One case against the oracle; in a worker process of its own on a GPU."""
-    import torch
-
-    import stadapter_kernels as sk
-    from stadapter_kernels.fused_triton import configs
-
     parity = _parity_module()
     case = cases(dry_run)[case_name]
     device = "cpu" if dry_run else "cuda"
     tolerance = TF32_TOLERANCE if precision == "high" else parity.TOLERANCE[case.dtype]
     started = time.time()
     previous = torch.get_float32_matmul_precision()
+    notes = []
     try:
         if precision:
             torch.set_float32_matmul_precision(precision)
@@ -145,7 +141,8 @@ def _guarded_item(spec) -> dict:
     try:
         return run_item(*spec)
     except Exception as error:  # one broken case must not hide the others
-        return {"status": "error", "detail": f"{type(error).__name__}: {error}"}
+        return {"status": "error", "detail": f"{type(error).__name__}: {error}"[:2000],
+                "traceback": traceback.format_exc(limit=8)}
 
 
 #: What `in_processes` yields for a spec that did not run before the time ran out.
@@ -198,10 +195,6 @@ def run(context) -> None:
     # Items in plan order, whatever order the processes finished in.
     order = {name: i for i, name in enumerate(context.document["planned"])}
     context.document["items"].sort(key=lambda item: order.get(item["name"], len(order)))
-    context.document["tables"] = [{
-        "title": "worst relative error per case (tolerance)", "columns": ("item", "status", "worst", "tolerance"),
-        "rows": [(item["name"], item["status"], max(item["errors"].values()) if "errors" in item else None,
-                  item.get("tolerance")) for item in context.document["items"]]}]
     items_done = context.document["items"]
     context.document["findings"] = {"cases": len(items), "passed": sum(i["status"] == "pass" for i in items_done),
                                     "failed": [i["name"] for i in items_done if i["status"] in ("fail", "error")]}

@@ -180,7 +180,7 @@ def _constexprs(params: AdapterTensors, options: AdapterOptions) -> dict:
         HAS_B_DOWN=params.fc1_bias is not None, HAS_B_CONV=params.conv_bias is not None,
         HAS_COND=params.cond is not None,
         DOT_PRECISION=configs.dot_precision(params.fc1_weight.dtype),
-        BLOCK_A=configs.block_a(params.fc1_weight.shape[0]),
+        BLOCK_A=configs.block_a(params.fc1_weight.shape[0], params.fc1_weight.dtype),
     )
 
 
@@ -226,8 +226,9 @@ def frames_per_chunk(batch: int, frames: int, patches: int, kernel_t: int, progr
 
 
 class _Persistent:
-    """Grid and scratch of a persistent kernel: programs by occupancy, scratch sized for the
-    config with the most programs and the largest tiles."""
+    """Grid and scratch of a persistent kernel: programs by occupancy; each program's scratch
+    is `tiles` bottleneck tiles of its config's BLOCK_P, so the buffer is sized for the config
+    whose programs x BLOCK_P is largest, and each config touches all of what it needs only."""
 
     def __init__(self, kernel: str, bottleneck: int, device: torch.device, items: Callable[[int], int]):
         self.kernel, self.bottleneck, self.device, self.items = kernel, bottleneck, device, items
@@ -238,9 +239,14 @@ class _Persistent:
         return min(_sm_programs(config, self.device), self.items(config.block_p))
 
     def scratch(self, tiles: int, dtype: torch.dtype) -> torch.Tensor:
-        block_p = max(c.block_p for c in self.candidates)
-        return torch.empty((self.programs, tiles * block_p * configs.ca_pad(self.bottleneck)), dtype=dtype,
+        return torch.empty(scratch_elements(self.candidates, tiles, self.bottleneck, self.device), dtype=dtype,
                            device=self.device)
+
+
+def scratch_elements(candidates, tiles: int, bottleneck: int, device: torch.device) -> int:
+    """Elements of a persistent kernel's scratch: `tiles` (BLOCK_P, CA_PAD) tiles per program,
+    for the candidate config with the most programs x BLOCK_P (tools/model_h100.py models it)."""
+    return max(_sm_programs(c, device) * c.block_p for c in candidates) * tiles * configs.ca_pad(bottleneck)
 
 
 def _groups(patches: int) -> int:
@@ -274,7 +280,7 @@ def forward_launches(out, x, params: AdapterTensors, options: AdapterOptions) ->
     # The ring of kt bottleneck tiles and the activated tile.
     scratch = persistent.scratch(kernel_t + 1, configs.ring_dtype("forward", options.activation, x.dtype))
     args = (x, out, w_down, b_down, w_conv, b_conv, w_up, b_up, cond, scratch,
-            batch, frames, patches, channels, bottleneck, prefix, scratch.shape[1], length,
+            batch, frames, patches, channels, bottleneck, prefix, length,
             *x.stride()[:3], *out.stride()[:3], float(options.scale))
     return [Launch("forward", bottleneck, args, dict(HAS_B_UP=params.fc2_bias is not None, **constexprs),
                    persistent.grid)]
@@ -365,7 +371,7 @@ def backward_launches(dx, grad_out, x, params: AdapterTensors, options: AdapterO
             "backward_bottleneck", bottleneck,
             (x, grad_out, w_down, b_down, w_conv, b_conv, w_up, cond,
              buffers["a_buf"], buffers["dz_buf"], buffers["conv_partial"], scratch,
-             batch, frames, patches, channels, bottleneck, prefix, scratch.shape[1], length,
+             batch, frames, patches, channels, bottleneck, prefix, length,
              *x.stride()[:3], *grad_out.stride()[:3], float(options.scale)),
             constexprs, persistent.grid))
     launches.append(Launch(
@@ -410,21 +416,28 @@ def outer_product_splits(count: int, channels: int, bottleneck: int, element_siz
     return triton.cdiv(count, tokens_per_split), tokens_per_split
 
 
-def _token_outer_product(tokens: torch.Tensor, buf: torch.Tensor, prefix: int) -> torch.Tensor:
-    """sum over patch tokens n of tokens[n, :]^T buf[n, :] in fp32, (C, Ca); split-K, fixed order."""
+def outer_product_arguments(tokens: torch.Tensor, buf: torch.Tensor, prefix: int) -> tuple[tuple, dict]:
+    """(arguments, meta-parameters) of the weight-gradient GEMM over tokens, allocating its fp32
+    partial (splits, C, Ca); the launcher and `inspect` both build the launch here."""
     batch, frames, _, channels = tokens.shape
     patches, bottleneck = buf.shape[2], buf.shape[3]
     count = batch * frames * patches
     config = configs.OUTER_PRODUCT[tokens.element_size()]
     splits, tokens_per_split = outer_product_splits(count, channels, bottleneck, tokens.element_size())
     partial = torch.empty((splits, channels, bottleneck), dtype=torch.float32, device=tokens.device)
-    grid = (triton.cdiv(channels, config.block_c), triton.cdiv(bottleneck, config.block_a), splits)
+    args = (tokens, buf, partial, frames, patches, channels, bottleneck, prefix, count, tokens_per_split,
+            *tokens.stride()[:3])
+    return args, dict(DOT_PRECISION=configs.dot_precision(tokens.dtype), BLOCK_N=config.block_n,
+                      BLOCK_C=config.block_c, BLOCK_A=config.block_a)
+
+
+def _token_outer_product(tokens: torch.Tensor, buf: torch.Tensor, prefix: int) -> torch.Tensor:
+    """sum over patch tokens n of tokens[n, :]^T buf[n, :] in fp32, (C, Ca); split-K, fixed order."""
+    args, meta = outer_product_arguments(tokens, buf, prefix)
+    partial = args[2]
+    config = configs.OUTER_PRODUCT[tokens.element_size()]
+    grid = (triton.cdiv(partial.shape[1], config.block_c), triton.cdiv(partial.shape[2], config.block_a),
+            partial.shape[0])
     torch.library.wrap_triton(token_outer_product_kernel)[grid](
-        tokens, buf, partial,
-        frames, patches, channels, bottleneck, prefix, count, tokens_per_split,
-        *tokens.stride()[:3],
-        DOT_PRECISION=configs.dot_precision(tokens.dtype),
-        BLOCK_N=config.block_n, BLOCK_C=config.block_c, BLOCK_A=config.block_a,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        *args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
     return partial.sum(0)

@@ -36,7 +36,7 @@ from .common import (activation_derivative, activation_forward, chunk_item, copy
 def st_adapter_backward_bottleneck_kernel(
     x_ptr, grad_ptr, w_down_ptr, b_down_ptr, w_conv_ptr, b_conv_ptr, w_up_ptr, cond_ptr,
     a_buf_ptr, dz_buf_ptr, conv_partial_ptr, scratch_ptr,
-    B, T, P, C, CA, prefix, scratch_per_program, frames_per_chunk,
+    B, T, P, C, CA, prefix, frames_per_chunk,
     x_sb, x_st, x_sl, g_sb, g_st, g_sl,
     scale,
     KT: tl.constexpr, CA_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -44,7 +44,7 @@ def st_adapter_backward_bottleneck_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    ring_ptr = scratch_ptr + pid.to(tl.int64) * scratch_per_program
+    ring_ptr = scratch_ptr + pid.to(tl.int64) * (KT * BLOCK_P * CA_PAD)  # this program's ring of KT tiles
     tiles_per_video = (P + BLOCK_P - 1) // BLOCK_P
     chunks = (T + frames_per_chunk - 1) // frames_per_chunk
     groups = (P + 15) // 16  # partial rows per frame: one per 16 patch rows (common.row_group_sums)

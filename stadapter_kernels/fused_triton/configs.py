@@ -126,7 +126,7 @@ _NARROW = TileConfig(16, K_STEP, 4, 2, maxnreg=255)
 SHIPPED: dict[tuple[str, int], tuple[TileConfig, ...]] = {
     **{("forward", ca_pad): (_WIDE, _NARROW) for ca_pad in _CA_PADS},
     **{("backward_bottleneck", ca_pad): (_WIDE, _NARROW) for ca_pad in _CA_PADS},
-    **{("backward_input", ca_pad): (_WIDE, TileConfig(32, K_STEP, 4, 2)) for ca_pad in _CA_PADS},
+    **{("backward_input", ca_pad): (_WIDE, _NARROW) for ca_pad in _CA_PADS},
     **{("down_gemm", ca_pad): (TileConfig(32, K_STEP, 4, 3), TileConfig(16, K_STEP, 4, 3)) for ca_pad in _CA_PADS},
     **{("up_gemm", ca_pad): (TileConfig(32, 64, 4, 2), TileConfig(32, 128, 8, 2)) for ca_pad in _CA_PADS},
     **{("dz_gemm", ca_pad): (TileConfig(32, K_STEP, 4, 2), TileConfig(16, K_STEP, 4, 2)) for ca_pad in _CA_PADS},
@@ -303,9 +303,13 @@ def ca_pad(bottleneck: int) -> int:
     return max(16, triton.next_power_of_2(bottleneck))
 
 
-def block_a(bottleneck: int) -> int:
-    """Channels of the bottleneck handled at once (the Ca chunk of every kernel)."""
-    return min(ca_pad(bottleneck), MAX_BLOCK_A)
+def block_a(bottleneck: int, dtype: torch.dtype) -> int:
+    """Channels of the bottleneck handled at once (the Ca chunk of every kernel): MAX_BLOCK_A,
+    half that for float32, whose tf32x3 dots hold twice the operand registers (at 64 the
+    backward kernels spill on sm_90). A function of the dtype, not of the config, so it never
+    changes the bits between configs."""
+    widest = MAX_BLOCK_A // 2 if dtype == torch.float32 else MAX_BLOCK_A
+    return min(ca_pad(bottleneck), widest)
 
 
 def configs_for(kernel: str, bottleneck: int) -> tuple[TileConfig, ...]:

@@ -25,7 +25,7 @@ from .common import (activation_forward, chunk_item, copy_prefix_tile, matmul, s
 @triton.jit
 def st_adapter_forward_kernel(
     x_ptr, out_ptr, w_down_ptr, b_down_ptr, w_conv_ptr, b_conv_ptr, w_up_ptr, b_up_ptr, cond_ptr, scratch_ptr,
-    B, T, P, C, CA, prefix, scratch_per_program, frames_per_chunk,
+    B, T, P, C, CA, prefix, frames_per_chunk,
     x_sb, x_st, x_sl, out_sb, out_st, out_sl,
     scale,
     KT: tl.constexpr, CA_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -33,7 +33,8 @@ def st_adapter_forward_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    ring_ptr = scratch_ptr + pid.to(tl.int64) * scratch_per_program
+    # Each program's scratch: the ring of KT tiles and the activated tile.
+    ring_ptr = scratch_ptr + pid.to(tl.int64) * ((KT + 1) * BLOCK_P * CA_PAD)
     a_tile_ptr = ring_ptr + KT * BLOCK_P * CA_PAD  # the activated bottleneck of the current frame
     prefix_tiles = (prefix + BLOCK_P - 1) // BLOCK_P
     chunks = (T + frames_per_chunk - 1) // frames_per_chunk

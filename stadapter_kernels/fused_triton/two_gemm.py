@@ -93,11 +93,12 @@ def up_gemm_kernel(
     batch = pid // (col_tiles * T * tiles)
     rows = tl.arange(0, BLOCK_P)
     if tile < prefix_tiles:
-        token = tile * BLOCK_P + rows
-        mask = (token < prefix)[:, None] & c_mask[None, :]
-        v = tl.load(x_ptr + (batch * x_sb + frame * x_st + token.to(tl.int64) * x_sl)[:, None] + c[None, :], mask=mask)
-        tl.store(out_ptr + (batch * out_sb + frame * out_st + token.to(tl.int64) * out_sl)[:, None] + c[None, :], v,
-                 mask=mask)
+        prefix_token = (tile * BLOCK_P + rows).to(tl.int64)
+        prefix_mask = (prefix_token < prefix)[:, None] & c_mask[None, :]
+        v = tl.load(x_ptr + (batch * x_sb + frame * x_st + prefix_token * x_sl)[:, None] + c[None, :],
+                    mask=prefix_mask)
+        tl.store(out_ptr + (batch * out_sb + frame * out_st + prefix_token * out_sl)[:, None] + c[None, :], v,
+                 mask=prefix_mask)
     else:
         p = (tile - prefix_tiles) * BLOCK_P + rows
         row_mask = p < P

@@ -197,3 +197,22 @@ def test_a_long_log_keeps_its_head_and_tail(tmp_path):
     text = path.read_bytes()
     assert text.startswith(b"first line") and text.endswith(b"last line\n") and len(text) < 1100
     assert b"bytes cut" in text
+
+
+def test_every_profiled_kernel_has_its_model_rows():
+    """Step 3 holds each kernel the profiler sees against tools/model_h100.py's rows of the same
+    name: every kernel a variant launches must find rows, and every row a kernel."""
+    import stadapter_kernels.fused_triton as launcher
+    from stadapter_kernels.fused_triton import configs
+    from stadapter_kernels.fused_triton.backward import token_outer_product_kernel
+    from tools import model_h100
+    from tools.gpu_check import gpu_only
+
+    chains = model_h100.chains(8, 8, 197, 768, 384, 3, "bf16")
+    for variant in configs.VARIANTS:
+        entries = chains[(variant, "forward + backward")]
+        names = [launcher._KERNELS[k].__name__ for k in configs.VARIANT_KERNELS[variant]]
+        names.append(token_outer_product_kernel.__name__)
+        matched = {id(entry): entry for name in names for entry in gpu_only.model_entries(name, entries)}
+        assert all(gpu_only.model_entries(name, entries) for name in names), variant
+        assert len(matched) == len(entries), (variant, [e[0] for e in entries if id(e) not in matched])

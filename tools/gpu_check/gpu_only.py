@@ -288,9 +288,11 @@ def profiled_kernels(context, variant: str, rows: list, bandwidth: float | None)
         per_call_ms = device_us / calls / 1e3
         total_ms += per_call_ms
         matched = model_entries(name, entries)
+        # model_h100 rows: (name, HBM bytes read + written, L2 re-read bytes, FLOPs)
         model_bytes = sum(e[1] for e in matched) if matched else None
         rows.append((variant, name[:60], count / calls, per_call_ms,
                      None if model_bytes is None else model_bytes / 1e6,
+                     sum(e[2] for e in matched) / 1e6 if matched else None,
                      None if model_bytes is None else model_bytes / (per_call_ms / 1e3) / 1e12,
                      None if model_bytes is None or not bandwidth else per_call_ms / 1e3 / (model_bytes / bandwidth),
                      ", ".join(e[0] for e in matched) or None))
@@ -425,7 +427,8 @@ def tables(variants, sweep_rows, ring_rows, kernel_rows) -> list[dict]:
         {"title": "ring footprint (fused, B 8, bfloat16)", "rows": ring_rows,
          "columns": ("programs", "default", "forward ms", "forward + backward ms", "forward peak rise MiB")},
         {"title": "kernels of one forward + backward (B 8, bfloat16) against tools/model_h100.py", "rows": kernel_rows,
-         "columns": ("variant", "kernel", "launches", "ms", "modelled MB", "achieved TB/s", "x device floor",
-                     "model entries"),
-         "note": "x device floor: time over modelled bytes / step 0's measured copy bandwidth."},
+         "columns": ("variant", "kernel", "launches", "ms", "modelled HBM MB", "modelled L2 MB", "achieved HBM TB/s",
+                     "x device floor", "model entries"),
+         "note": "achieved HBM TB/s: modelled HBM bytes over the measured time; x device floor: the time over "
+                 "modelled HBM bytes / step 0's measured copy bandwidth."},
     ]

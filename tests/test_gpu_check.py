@@ -216,3 +216,9 @@ def test_every_profiled_kernel_has_its_model_rows():
         matched = {id(entry): entry for name in names for entry in gpu_only.model_entries(name, entries)}
         assert all(gpu_only.model_entries(name, entries) for name in names), variant
         assert len(matched) == len(entries), (variant, [e[0] for e in entries if id(e) not in matched])
+
+
+def test_a_shorter_time_limit_shortens_every_step():
+    halved = gpu_check.scaled_steps(gpu_check.TOTAL_BUDGET_S / 2)
+    assert [s.budget_s * 2 for s in halved] == [s.budget_s for s in gpu_check.STEPS]
+    assert sum(s.budget_s for s in gpu_check.STEPS) < gpu_check.TOTAL_BUDGET_S <= 8 * 60

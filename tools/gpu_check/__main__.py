@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import LOG, STEPS, SUMMARY_JSON, SUMMARY_MARKDOWN, TOTAL_BUDGET_S
+from . import LOG, SUMMARY_JSON, SUMMARY_MARKDOWN, TOTAL_BUDGET_S, scaled_steps
 from . import summary
 from .results import read_json, utc_now, write_json
 
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the result files (default: $OUT, else bench-results/gpu-check, which git ignores)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run every step on CPU in the Triton interpreter with tiny shapes (for CI)")
+    parser.add_argument("--time-limit", type=float, default=TOTAL_BUDGET_S, metavar="SECONDS",
+                        help="the whole check's time box; every step's is scaled with it (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes running the parity cases (default: the cores less two, at most 14, on a GPU; 1 in a dry run)")
     return parser
@@ -174,7 +176,8 @@ def cuda_missing_reason() -> str | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
-    deadline = started + TOTAL_BUDGET_S
+    deadline = started + args.time_limit
+    steps = scaled_steps(args.time_limit)
     if not args.dry_run:
         reason = cuda_missing_reason()
         if reason:
@@ -185,18 +188,19 @@ def main(argv=None) -> int:
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     # Files of an earlier run would be mistaken for this one's.
-    for name in [s.filename for s in STEPS] + [SUMMARY_JSON, SUMMARY_MARKDOWN, LOG]:
+    for name in [s.filename for s in steps] + [SUMMARY_JSON, SUMMARY_MARKDOWN, LOG]:
         Path(out_dir, name).unlink(missing_ok=True)
     env = worker_environment(args.dry_run)
     print(f"gpu_check: {'dry run on CPU' if args.dry_run else 'on CUDA'}, results in {out_dir}, "
-          f"whole check within {TOTAL_BUDGET_S} s", flush=True)
+          f"whole check within {args.time_limit:.0f} s", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch, open(os.path.join(out_dir, LOG), "a") as log:
         status_path = os.path.join(scratch, "status")
 
         def launch(first_index: int, window_start: float) -> subprocess.Popen:
             command = [sys.executable, "-m", "tools.gpu_check.worker", "--out", out_dir, "--status", status_path,
-                       "--from-step", str(first_index), "--window-start", repr(window_start), "--jobs", str(jobs)]
+                       "--from-step", str(first_index), "--window-start", repr(window_start), "--jobs", str(jobs),
+                       "--time-limit", repr(args.time_limit)]
             if args.dry_run:
                 command.append("--dry-run")
             log.write(f"== {utc_now()} worker from step {first_index}: {' '.join(command)}\n")
@@ -204,10 +208,10 @@ def main(argv=None) -> int:
             return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
 
-        outcome = orchestrate(STEPS, launch, status_path, deadline - summary.RESERVE_S)
-    record_outcome(out_dir, STEPS, outcome)
+        outcome = orchestrate(steps, launch, status_path, deadline - summary.RESERVE_S)
+    record_outcome(out_dir, steps, outcome)
     cap_log(os.path.join(out_dir, LOG))
-    document = summary.write(out_dir, STEPS, time.time() - started)
+    document = summary.write(out_dir, steps, time.time() - started)
     print(summary.console_lines(document), flush=True)
     return 0 if document["verdict"] == "pass" else 1
 

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from . import STEPS
+from . import TOTAL_BUDGET_S, scaled_steps
 from .results import StepContext
 
 
@@ -33,13 +33,15 @@ def main(argv=None) -> int:
     parser.add_argument("--from-step", type=int, default=0)
     parser.add_argument("--window-start", type=float, required=True, help="when the first step's time box began")
     parser.add_argument("--jobs", type=int, default=1, help="processes for the parity cases")
+    parser.add_argument("--time-limit", type=float, default=TOTAL_BUDGET_S, help="the whole check's time box")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("a dry run needs TRITON_INTERPRET=1 in the environment before triton is imported")
+    steps = scaled_steps(args.time_limit)
     window_start = args.window_start
-    for index in range(args.from_step, len(STEPS)):
-        step = STEPS[index]
+    for index in range(args.from_step, len(steps)):
+        step = steps[index]
         mark(args.status, "START", index)
         print(f"== step {index} {step.name} (time box {step.budget_s:.0f} s)", flush=True)
         context = StepContext(step, args.out, args.dry_run, window_start, args.jobs)

@@ -148,7 +148,7 @@ def cap_log(path: str, limit: int = LOG_LIMIT_BYTES) -> None:
         handle.write(head + f"\n[... {size - limit} bytes cut ...]\n".encode() + tail)
 
 
-def worker_environment(dry_run: bool) -> dict:
+def worker_environment(dry_run: bool, scratch: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
@@ -159,6 +159,13 @@ def worker_environment(dry_run: bool) -> dict:
         env["TRITON_INTERPRET"] = "1"  # before triton is first imported, hence in the worker's environment
     else:
         env.pop("TRITON_INTERPRET", None)
+    # Triton caches compiled kernels under ~/.triton, shared by the workers and the parity
+    # processes (and kept for a rerun on a machine still warm); where home is not writable, in
+    # this run's scratch folder instead.
+    home_cache = Path.home() / ".triton"
+    writable = os.access(home_cache if home_cache.exists() else Path.home(), os.W_OK)
+    if "TRITON_CACHE_DIR" not in env and not writable:
+        env["TRITON_CACHE_DIR"] = os.path.join(scratch, "triton-cache")
     return env
 
 
@@ -190,12 +197,12 @@ def main(argv=None) -> int:
     # Files of an earlier run would be mistaken for this one's.
     for name in [s.filename for s in steps] + [SUMMARY_JSON, SUMMARY_MARKDOWN, LOG]:
         Path(out_dir, name).unlink(missing_ok=True)
-    env = worker_environment(args.dry_run)
     print(f"gpu_check: {'dry run on CPU' if args.dry_run else 'on CUDA'}, results in {out_dir}, "
           f"whole check within {args.time_limit:.0f} s", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch, open(os.path.join(out_dir, LOG), "a") as log:
         status_path = os.path.join(scratch, "status")
+        env = worker_environment(args.dry_run, scratch)
 
         def launch(first_index: int, window_start: float) -> subprocess.Popen:
             command = [sys.executable, "-m", "tools.gpu_check.worker", "--out", out_dir, "--status", status_path,

@@ -14,14 +14,11 @@ measured in step 0 (`measured_over_device_floor`).
 
 from __future__ import annotations
 
-import os
-
 from benchmarks import config, runner
 from benchmarks.providers import Shape
 from benchmarks.roofline import roofline
 
-from . import STEPS
-from .results import budget_exhausted, read_json
+from .results import budget_exhausted, environment_document
 
 #: The dry run's one tiny shape (the interpreter is numpy underneath).
 DRY_RUN_SHAPE = dict(B=1, T=2, L=10, C=32, Ca=16)
@@ -43,7 +40,7 @@ def planned_cases(device: str) -> list[tuple[str, object, str]]:
 
 def device_machine(out_dir: str):
     """This device as a benchmarks.config.Roofline, from step 0's measured peaks (None without them)."""
-    environment = read_json(os.path.join(out_dir, STEPS[0].filename)) or {}
+    environment = environment_document(out_dir)
     peaks = environment.get("peaks")
     if not peaks:
         return None

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -35,10 +32,9 @@ from stadapter_kernels.fused_triton import configs
 from stadapter_kernels.reference import oracle
 from tools import model_h100
 
-from . import STEPS
-from .results import budget_exhausted, guarded, read_json
+from .parity import harness
+from .results import budget_exhausted, environment_document, guarded
 
-REPO = Path(__file__).resolve().parents[2]
 FRAMES = 8
 #: What the dry run (device "cpu") runs is cut to one of each kind: it proves the code, and the
 #: interpreter takes seconds per call.
@@ -61,19 +57,10 @@ MODEL_ALIASES = {"token_outer_product": "weight gradient"}
 SWEEP_VARIANT_COLUMN = 5
 
 
-def _parity():
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import parity
-
-    return parity
-
-
 def adapter_case(context, **changes):
     """The ViT-B/16 adapter (B 2, T 8, gelu, cond, biases) as a parity.Case; tiny in a dry run.
     gelu with cond is also step 1's ViT-B case, so its kernels are compiled already."""
-    parity = _parity()
+    parity = harness()
     if context.dry_run:
         base = parity.Case(batch=1, frames=2, tokens=8, channels=16, bottleneck=16)
     else:
@@ -90,7 +77,7 @@ def bench_shape(context, batch: int):
 
 def forward_backward(case, inputs: dict, grad_out) -> dict:
     """Output and every gradient of one backend="triton" call, by name."""
-    parity = _parity()
+    parity = harness()
     leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
     out = parity.call(sk.st_adapter, {n: leaves.get(n) for n in parity.INPUT_NAMES}, case, backend="triton")
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
@@ -102,7 +89,7 @@ def differing(first: dict, second: dict) -> list[str]:
 
 
 def _inputs(case, device: str, seed: int = 0):
-    parity = _parity()
+    parity = harness()
     inputs = parity.make_inputs(case, device, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(inputs["x"].shape, generator=generator, dtype=torch.float64).to(case.dtype).to(device)
@@ -310,7 +297,7 @@ def int64_case(context, variant: str) -> dict:
     """x with more than 2^31 elements; only the last video gets a non-zero output gradient, so
     the output of that video, dx and every parameter gradient can be checked against the float64
     oracle on that video alone (the other videos' dx must be exactly zero)."""
-    parity = _parity()
+    parity = harness()
     one = adapter_case(context, batch=1)
     per_video = one.frames * one.tokens * one.channels
     videos = 2 if context.dry_run else INT32_LIMIT // per_video + 2
@@ -365,7 +352,7 @@ def cuda_graph(context, variant: str, cold: bool) -> dict:
     case = adapter_case(context, channels=COLD_WIDTHS[variant], bottleneck=128, activation="silu") if cold \
         else adapter_case(context)
     inputs, grad_out = _inputs(case, "cuda", seed=5)
-    parity = _parity()
+    parity = harness()
     leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
     with configs.forced(variant=variant):
         if not cold:
@@ -394,7 +381,7 @@ def cuda_graph(context, variant: str, cold: bool) -> dict:
 def run(context) -> None:
     doc = context.document
     doc["findings"] = {}
-    environment = read_json(os.path.join(context.out_dir, STEPS[0].filename)) or {}
+    environment = environment_document(context.out_dir)
     device_name = environment.get("summary", {}).get("device_name") or (
         torch.cuda.get_device_name() if context.device == "cuda" else "cpu")
     bandwidth = (environment.get("peaks") or {}).get("bandwidth")

@@ -43,7 +43,8 @@ ALL_FLOAT32_PRECISIONS = ("highest", "high")
 BOTH_PRECISIONS = ("fp32", "vit_b_fp32", *DRY_RUN_CASES)
 
 
-def _parity_module():
+def harness():
+    """tests/parity.py, the parity harness every backend's tests use (tests/ is not a package)."""
     tests = str(REPO / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
@@ -57,7 +58,7 @@ def test_definitions() -> dict:
     """The module-level definitions of tests/triton/test_parity.py, evaluated without pytest
     (the lent machine may not have it): its imports other than pytest, its assignments and its
     helpers, but none of its test functions."""
-    parity = _parity_module()
+    parity = harness()
     tree = ast.parse(TEST_CASES.read_text(), str(TEST_CASES))
 
     def wanted(node) -> bool:
@@ -115,7 +116,7 @@ def item_name(variant: str, case_name: str, precision: str | None) -> str:
 
 def run_item(variant: str, case_name: str, precision: str | None, dry_run: bool) -> dict:
     """One case against the oracle; in a worker process of its own on a GPU."""
-    parity = _parity_module()
+    parity = harness()
     case = cases(dry_run)[case_name]
     device = "cpu" if dry_run else "cuda"
     tolerance = TF32_TOLERANCE if precision == "high" else parity.TOLERANCE[case.dtype]

@@ -14,6 +14,8 @@ import os
 import time
 import traceback
 
+from . import STEPS
+
 #: pass/fail: a check with a verdict; measured: a number without one; skipped: not run (the
 #: step's time box, a dry run); unavailable: this build or machine lacks what it needs;
 #: error: the check itself raised.
@@ -45,6 +47,11 @@ def read_json(path: str) -> dict | None:
             return json.load(handle)
     except (OSError, ValueError):
         return None
+
+
+def environment_document(out_dir: str) -> dict:
+    """Step 0's document (device, versions, measured peaks), or {} where it wrote none."""
+    return read_json(os.path.join(out_dir, STEPS[0].filename)) or {}
 
 
 class StepContext:

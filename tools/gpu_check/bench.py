@@ -14,6 +14,8 @@ measured in step 0 (`measured_over_device_floor`).
 
 from __future__ import annotations
 
+import torch
+
 from benchmarks import config, runner
 from benchmarks.providers import Shape
 from benchmarks.roofline import roofline
@@ -88,6 +90,9 @@ def run(context) -> None:
     doc["changes_to_the_quick_sweep"] = [f"compile mode {COMPILE_MODE!r} (the sweep's {config.COMPILE_MODE!r} "
                                          "would cost minutes per case)", "model modes left out"]
     config.COMPILE_MODE = COMPILE_MODE  # read by benchmarks.providers.compiled when it builds a case
+    # As runner.run does: every case compiles the same function anew, which would otherwise hit
+    # dynamo's recompile limit and silently run eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     skips = {}
     if context.dry_run:
         skips = {("compile", mode): "skipped in the dry run: compiling costs more than the dry run" for mode in MODES}

@@ -223,9 +223,18 @@ def add_st_adapters(model: nn.Module, positions: Sequence[str] | str = ("pre_mlp
     return summarize(model)
 
 
+def _injected_root(model: nn.Module) -> nn.Module:
+    """The module `add_st_adapters` was called on: `model` itself or one of its submodules
+    (a video model's backbone)."""
+    for module in model.modules():
+        if module.__dict__.get("_stadapter_state", {}).get("config") is not None:
+            return module
+    raise ValueError("this model has no ST-Adapters (add_st_adapters adds them)")
+
+
 def adapted_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(index, block) for every block of `model`'s backbone that carries adapters."""
-    return [(i, b) for i, b in enumerate(find_backbone(model).blocks) if is_adapted(b)]
+    return [(i, b) for i, b in enumerate(find_backbone(_injected_root(model)).blocks) if is_adapted(b)]
 
 
 def adapter_modules(model: nn.Module) -> list[STAdapter]:
@@ -249,7 +258,7 @@ def summarize(model: nn.Module) -> AdapterSummary:
                         for p in getattr(b, name).parameters())
                  for i, b in adapted_blocks(model)}
     return AdapterSummary(
-        family=find_backbone(model).family, config=config, adapter_params=sum(per_block.values()),
+        family=find_backbone(_injected_root(model)).family, config=config, adapter_params=sum(per_block.values()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()), per_block=per_block)
 

@@ -176,7 +176,7 @@ def _device_guard(device: torch.device):
 def _constexprs(params: AdapterTensors, options: AdapterOptions) -> dict:
     return dict(
         KT=params.conv_weight.shape[2], CA_PAD=configs.ca_pad(params.fc1_weight.shape[0]),
-        ACTIVATION=ACTIVATION_IDS[options.activation],
+        ACTIVATION=ACTIVATION_IDS[options.activation], RESIDUAL=options.residual,
         HAS_B_DOWN=params.fc1_bias is not None, HAS_B_CONV=params.conv_bias is not None,
         HAS_COND=params.cond is not None,
         DOT_PRECISION=configs.dot_precision(params.fc1_weight.dtype),
@@ -300,7 +300,8 @@ def _two_gemm_forward(out, x, params: AdapterTensors, options: AdapterOptions) -
                    (x, out, y, w_conv, b_conv, w_up, b_up, frames, patches, channels, bottleneck, prefix,
                     *x.stride()[:3], *out.stride()[:3], float(options.scale)),
                    dict(HAS_B_UP=params.fc2_bias is not None,
-                        **{k: constexprs[k] for k in ("KT", "ACTIVATION", "HAS_B_CONV", "DOT_PRECISION", "BLOCK_A")}),
+                        **{k: constexprs[k] for k in ("KT", "ACTIVATION", "HAS_B_CONV", "RESIDUAL", "DOT_PRECISION",
+                                                       "BLOCK_A")}),
                    lambda c: batch * frames * (triton.cdiv(prefix, c.block_p) + triton.cdiv(patches, c.block_p))
                    * triton.cdiv(channels, c.block_c))]
 
@@ -373,13 +374,14 @@ def backward_launches(dx, grad_out, x, params: AdapterTensors, options: AdapterO
              buffers["a_buf"], buffers["dz_buf"], buffers["conv_partial"], scratch,
              batch, frames, patches, channels, bottleneck, prefix, length,
              *x.stride()[:3], *grad_out.stride()[:3], float(options.scale)),
-            constexprs, persistent.grid))
+            # residual only changes dx (backward_input): the branch's gradients are the same
+            {k: v for k, v in constexprs.items() if k != "RESIDUAL"}, persistent.grid))
     launches.append(Launch(
         "backward_input", bottleneck,
         (grad_out, dx, w_down, w_conv, buffers["dz_buf"], buffers["dy_buf"], buffers["dy_partial"],
          buffers["grad_partial"], frames, patches, channels, bottleneck, prefix,
          *grad_out.stride()[:3], *dx.stride()[:3]),
-        {k: constexprs[k] for k in ("KT", "CA_PAD", "DOT_PRECISION", "BLOCK_A")},
+        {k: constexprs[k] for k in ("KT", "CA_PAD", "RESIDUAL", "DOT_PRECISION", "BLOCK_A")},
         lambda c: batch * frames * (triton.cdiv(prefix, c.block_p) + triton.cdiv(patches, c.block_p))))
     return launches, buffers
 

@@ -10,7 +10,8 @@ Three kernels (four launches), each reading the large tensors (x, grad_out) once
    partial sums are written here, one row per (video, frame, 16 patch rows).
 2. `st_adapter_backward_input_kernel` applies the transposed temporal conv to dz
    (dy[t] = sum_j w_conv[:, j] * dz[t - j + kt//2]), writes dy, and computes
-   dx = grad_out + dy @ w_down fused with the residual gradient (prefix tokens are copied),
+   dx = grad_out + dy @ w_down fused with the residual gradient (prefix tokens are copied;
+   under residual=False dx = dy @ w_down and zero on the prefix tokens),
    reading dy back BLOCK_A channels at a time.
    It also writes fp32 partial sums of dy (for the fc1 bias and cond gradients) and of
    grad_out (for the fc2 bias gradient), one row per (video, frame, 16 patch rows).
@@ -111,7 +112,7 @@ def st_adapter_backward_input_kernel(
     grad_ptr, dx_ptr, w_down_ptr, w_conv_ptr, dz_buf_ptr, dy_buf_ptr, dy_partial_ptr, grad_partial_ptr,
     T, P, C, CA, prefix,
     g_sb, g_st, g_sl, dx_sb, dx_st, dx_sl,
-    KT: tl.constexpr, CA_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KT: tl.constexpr, CA_PAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     # One program per (video, frame, tile) on a 1-D grid (grid y and z stop at 65,535).
@@ -123,7 +124,7 @@ def st_adapter_backward_input_kernel(
     batch = pid // (tiles * T)
     if tile < prefix_tiles:
         copy_prefix_tile(grad_ptr, dx_ptr, tile, batch, t, t + 1, C, prefix, g_sb, g_st, g_sl, dx_sb, dx_st, dx_sl,
-                         BLOCK_P, BLOCK_C)
+                         BLOCK_P, BLOCK_C, RESIDUAL)
     else:
         patch_tile = tile - prefix_tiles
         b = batch
@@ -162,7 +163,10 @@ def st_adapter_backward_input_kernel(
             c_mask = c < C
             mask = row_mask[:, None] & c_mask[None, :]
             g = tl.load(grad_ptr + g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            dx = g
+            if RESIDUAL:
+                dx = g  # the identity term
+            else:
+                dx = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
             for a0 in range(0, CA, BLOCK_A):
                 cols = a0 + tl.arange(0, BLOCK_A)
                 col_mask = cols < CA

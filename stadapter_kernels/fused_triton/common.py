@@ -174,9 +174,9 @@ def store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, frame, T, x_st, w_down_p
 @triton.jit
 def copy_prefix_tile(src_ptr, dst_ptr, prefix_tile, batch, t_start, t_end, C, prefix,
                      src_sb, src_st, src_sl, dst_sb, dst_st, dst_sl,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, COPY: tl.constexpr):
     """Copy one tile of prefix tokens (class/register tokens) of frames t_start .. t_end - 1 of
-    one video."""
+    one video; with COPY false (residual=False: no identity term) write zeros instead."""
     token = prefix_tile * BLOCK_P + tl.arange(0, BLOCK_P)
     token_mask = token < prefix
     b = batch.to(tl.int64)
@@ -187,7 +187,10 @@ def copy_prefix_tile(src_ptr, dst_ptr, prefix_tile, batch, t_start, t_end, C, pr
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             mask = token_mask[:, None] & (c < C)[None, :]
-            v = tl.load(src_ptr + (src_rows + frame * src_st)[:, None] + c[None, :], mask=mask)
+            if COPY:
+                v = tl.load(src_ptr + (src_rows + frame * src_st)[:, None] + c[None, :], mask=mask)
+            else:
+                v = tl.zeros((BLOCK_P, BLOCK_C), dst_ptr.dtype.element_ty)
             tl.store(dst_ptr + (dst_rows + frame * dst_st)[:, None] + c[None, :], v, mask=mask)
 
 

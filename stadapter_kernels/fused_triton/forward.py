@@ -11,7 +11,8 @@ projects it, so any chunking gives the same bits; chunks only add parallelism wh
 tiles is small (batch 1). x is read from HBM once per chunk for the down-projection (the
 residual re-reads the tile read kt//2 frames earlier, from L2), the bottleneck only ever lives
 in registers and the program's few-KiB scratch, and the output is written once. Work items
-0 .. prefix_tiles-1 of each video copy its prefix tokens through instead.
+0 .. prefix_tiles-1 of each video copy its prefix tokens through instead (write zeros there,
+and no residual, under residual=False).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def st_adapter_forward_kernel(
     scale,
     KT: tl.constexpr, CA_PAD: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_B_DOWN: tl.constexpr, HAS_B_CONV: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_COND: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+    RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_A: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Each program's scratch: the ring of KT tiles and the activated tile.
@@ -45,7 +47,7 @@ def st_adapter_forward_kernel(
         batch, tile, chunk = chunk_item(work, items_per_video, prefix_tiles, chunks)
         if tile < prefix_tiles:
             copy_prefix_tile(x_ptr, out_ptr, tile, batch, 0, T, C, prefix, x_sb, x_st, x_sl, out_sb, out_st, out_sl,
-                             BLOCK_P, BLOCK_C)
+                             BLOCK_P, BLOCK_C, RESIDUAL)
         else:
             b = batch.to(tl.int64)
             p = (tile - prefix_tiles) * BLOCK_P + rows
@@ -87,8 +89,10 @@ def st_adapter_forward_kernel(
                     if HAS_B_UP:
                         up += tl.load(b_up_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
                     mask = row_mask[:, None] & c_mask[None, :]
-                    x = tl.load(x_ptr + (x_rows + frame * x_st)[:, None] + c[None, :], mask=mask, other=0.0)
-                    out = x.to(tl.float32) + scale * up
+                    out = scale * up
+                    if RESIDUAL:
+                        x = tl.load(x_ptr + (x_rows + frame * x_st)[:, None] + c[None, :], mask=mask, other=0.0)
+                        out += x.to(tl.float32)
                     tl.store(out_ptr + (out_rows + frame * out_st)[:, None] + c[None, :],
                              out.to(out_ptr.dtype.element_ty), mask=mask)
                 # The next frame (or the next item's ring fill) overwrites the ring slot and the

@@ -8,7 +8,8 @@ Forward:
 - `up_gemm_kernel` (K2): out = x + scale * (act(conv_t(y)) @ w_up.T + b_up), one program per
   (video, frame, tile, BLOCK_C columns of C); its prologue builds each BLOCK_A chunk of a from
   the kt y tiles of the same patch rows in frames t - kt//2 .. t + kt//2, the residual is its
-  epilogue. Prefix-token tiles copy their columns of x.
+  epilogue. Prefix-token tiles copy their columns of x (write zeros under residual=False,
+  which also drops the residual).
 
 Backward: K1 again (y recomputed from x), then
 - `dz_gemm_kernel`: da = scale * grad_out @ w_up per (video, frame, patch tile, BLOCK_A
@@ -80,7 +81,8 @@ def up_gemm_kernel(
     x_sb, x_st, x_sl, out_sb, out_st, out_sl,
     scale,
     KT: tl.constexpr, ACTIVATION: tl.constexpr, HAS_B_CONV: tl.constexpr, HAS_B_UP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     col_tiles = (C + BLOCK_C - 1) // BLOCK_C
@@ -95,8 +97,11 @@ def up_gemm_kernel(
     if tile < prefix_tiles:
         prefix_token = (tile * BLOCK_P + rows).to(tl.int64)
         prefix_mask = (prefix_token < prefix)[:, None] & c_mask[None, :]
-        v = tl.load(x_ptr + (batch * x_sb + frame * x_st + prefix_token * x_sl)[:, None] + c[None, :],
-                    mask=prefix_mask)
+        if RESIDUAL:
+            v = tl.load(x_ptr + (batch * x_sb + frame * x_st + prefix_token * x_sl)[:, None] + c[None, :],
+                        mask=prefix_mask)
+        else:
+            v = tl.zeros((BLOCK_P, BLOCK_C), out_ptr.dtype.element_ty)
         tl.store(out_ptr + (batch * out_sb + frame * out_st + prefix_token * out_sl)[:, None] + c[None, :], v,
                  mask=prefix_mask)
     else:
@@ -116,8 +121,11 @@ def up_gemm_kernel(
         if HAS_B_UP:
             up += tl.load(b_up_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         mask = row_mask[:, None] & c_mask[None, :]
-        x = tl.load(x_ptr + (batch * x_sb + frame * x_st + token * x_sl)[:, None] + c[None, :], mask=mask, other=0.0)
-        out = x.to(tl.float32) + scale * up
+        out = scale * up
+        if RESIDUAL:
+            x = tl.load(x_ptr + (batch * x_sb + frame * x_st + token * x_sl)[:, None] + c[None, :], mask=mask,
+                        other=0.0)
+            out += x.to(tl.float32)
         tl.store(out_ptr + (batch * out_sb + frame * out_st + token * out_sl)[:, None] + c[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 

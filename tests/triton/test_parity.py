@@ -35,6 +35,9 @@ CASES = {
     # a fourth wholly in the padding that is skipped.
     "ca136_chunked": BASE.with_(batch=1, frames=2, tokens=20, bottleneck=136, activation="quick_gelu",
                                 dtype=torch.float16),
+    # residual=False: the branch alone, zeros on the prefix tokens, no identity term in dx.
+    "no_residual": BASE.with_(residual=False),
+    "no_residual_prefix33_bf16": BASE.with_(residual=False, prefix=33, tokens=50, batch=1, dtype=torch.bfloat16),
     # Ca = 384 (the official ViT-B adapter) pads to 512: six chunks, none in the padding.
     "ca384": BASE.with_(batch=1, frames=2, tokens=12, channels=24, bottleneck=384, activation="gelu"),
 }

@@ -104,8 +104,8 @@ for index in range(first, int(behaviour["steps"])):
 """
 
 
-def _orchestrate(tmp_path, deadline_s=30.0, **behaviour):
-    steps = tuple(gpu_check.Step(f"s{i}", "unused", f"{i}.json", budget_s=2.0) for i in range(4))
+def _orchestrate(tmp_path, deadline_s=30.0, budget_s=2.0, **behaviour):
+    steps = tuple(gpu_check.Step(f"s{i}", "unused", f"{i}.json", budget_s=budget_s) for i in range(4))
     status = str(tmp_path / "status")
     launches = []
 
@@ -222,3 +222,18 @@ def test_a_shorter_time_limit_shortens_every_step():
     halved = gpu_check.scaled_steps(gpu_check.TOTAL_BUDGET_S / 2)
     assert [s.budget_s * 2 for s in halved] == [s.budget_s for s in gpu_check.STEPS]
     assert sum(s.budget_s for s in gpu_check.STEPS) < gpu_check.TOTAL_BUDGET_S <= 8 * 60
+
+
+def test_a_terminated_check_stops_its_worker_and_marks_the_rest(tmp_path):
+    import signal
+    import threading
+
+    previous = signal.signal(signal.SIGTERM, parent.on_terminate)
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        outcome, launches, elapsed, _ = _orchestrate(tmp_path, budget_s=10.0, hang=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert outcome == {1: ("timed_out", "the check got SIGTERM"), 2: ("not_run", "the check got SIGTERM"),
+                       3: ("not_run", "the check got SIGTERM")}
+    assert launches == [0] and elapsed < 9  # before step 1's time box ran out

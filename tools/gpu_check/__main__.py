@@ -61,6 +61,14 @@ def read_events(status_path: str) -> list[tuple[str, int, float]]:
     return events
 
 
+class Terminated(Exception):
+    """The check itself was told to stop (SIGTERM, e.g. by the lent machine's time limit)."""
+
+
+def on_terminate(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def stop(process: subprocess.Popen) -> None:
     """Kill the worker and every process it started (its own session)."""
     try:
@@ -100,19 +108,26 @@ def orchestrate(steps, launch, status_path: str, deadline: float) -> dict[int, t
                     current, current_start = step_index + 1, at
             seen = len(events)
 
-        while process.poll() is None:
+        try:
+            while process.poll() is None:
+                take_events()
+                if current >= len(steps):
+                    break
+                budget = steps[current].budget_s
+                if time.time() > min(current_start + budget, deadline):
+                    stop(process)
+                    killed = True
+                    outcome[current] = ("timed_out", f"killed at its time box of {budget:.0f} s"
+                                        if current_start + budget <= deadline
+                                        else "killed when the whole check's time box ran out")
+                    break
+                time.sleep(POLL_S)
+        except Terminated as signal_name:  # stop the worker too, and say so in the files
+            stop(process)
             take_events()
-            if current >= len(steps):
-                break
-            budget = steps[current].budget_s
-            if time.time() > min(current_start + budget, deadline):
-                stop(process)
-                killed = True
-                outcome[current] = ("timed_out", f"killed at its time box of {budget:.0f} s"
-                                    if current_start + budget <= deadline
-                                    else "killed when the whole check's time box ran out")
-                break
-            time.sleep(POLL_S)
+            for left in range(current, len(steps)):
+                outcome[left] = ("timed_out" if left == current else "not_run", f"the check got {signal_name}")
+            return outcome
         try:
             process.wait(timeout=max(1.0, min(EXIT_GRACE_S, deadline - time.time())))
         except subprocess.TimeoutExpired:  # every step is done but the worker hangs on its way out
@@ -200,6 +215,7 @@ def main(argv=None) -> int:
     print(f"gpu_check: {'dry run on CPU' if args.dry_run else 'on CUDA'}, results in {out_dir}, "
           f"whole check within {args.time_limit:.0f} s", flush=True)
 
+    signal.signal(signal.SIGTERM, on_terminate)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch, open(os.path.join(out_dir, LOG), "a") as log:
         status_path = os.path.join(scratch, "status")
         env = worker_environment(args.dry_run, scratch)

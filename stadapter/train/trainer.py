@@ -385,10 +385,10 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, **overrides) -
     on `data` (default: the run's val_data), with `TrainConfig` overrides such as the views."""
     from stadapter import load_adapters
 
-    from .checkpoints import ADAPTERS, read_config
+    from .checkpoints import ADAPTERS, MANIFEST, read_config
 
     path = Path(checkpoint)
-    if path.is_dir() and not (path / ADAPTERS).exists():
+    if path.is_dir() and not (path / MANIFEST).exists():  # an output folder, not a checkpoint
         newest = latest_valid_checkpoint(path)
         if newest is None:
             raise CheckpointError(f"{checkpoint}: no valid checkpoint in this folder")

@@ -29,9 +29,8 @@ from .frame_vit import TIMM_NAME, FrameViTConfig, pretrain_frame_vit
 class DemoConfig:
     """Sizes of the demo run (the defaults are the full run; `TINY` is the CI run)."""
 
-    # "right and back" vs "left and back" (the turn at one end or the other) takes far longer
-    # to learn than the demo's budget allows; these three share one bag of frames too.
-    motions: tuple[str, ...] = ("right", "left", "right and back")
+    # Four classes over one horizontal sweep, each spreading its frames evenly over it.
+    motions: tuple[str, ...] = ("right", "left", "right and back", "left and back")
     train_videos: int = 120  # per class
     test_videos: int = 40  # per class
     video_frames: int = 16
@@ -42,8 +41,8 @@ class DemoConfig:
     pretrain_steps: int = 200
     pretrain_batch: int = 64
     bottleneck: int = 64
-    epochs: int = 6
-    probe_epochs: int = 3
+    epochs: int = 10
+    probe_epochs: int = 5
     batch_size: int = 16
     lr: float = 2e-3
     probe_lr: float = 1e-2

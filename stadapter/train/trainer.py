@@ -162,12 +162,14 @@ def train(config: TrainConfig) -> dict:
 class Trainer:
     """One training run: data, model, optimizer, schedule and checkpoints (`train` runs it).
 
-    Its pieces are public for tests and custom loops: `epoch_loader(epoch)` gives an epoch's
-    DataLoader (resuming mid-epoch where the step says), `forward_backward(batch)` one
-    micro-batch, `optimizer_step()` the update.
+    `model`, if given, is trained instead of the config's (clips (B, 3, T, H, W) -> logits; its
+    parameters that require grad are what is trained and checkpointed). Its pieces are public
+    for tests and custom loops: `epoch_loader(epoch)` gives an epoch's DataLoader (resuming
+    mid-epoch where the step says), `forward_backward(batch)` one micro-batch,
+    `optimizer_step()` the update.
     """
 
-    def __init__(self, config: TrainConfig, info: Distributed):
+    def __init__(self, config: TrainConfig, info: Distributed, model: nn.Module | None = None):
         self.config, self.info = config, info
         if config.amp == "float16" and info.device.type != "cuda":
             raise ConfigError("amp float16 needs CUDA (use bfloat16 on the CPU)")
@@ -189,7 +191,7 @@ class Trainer:
             if data is not None and max(data.labels) >= self.num_classes:
                 raise ConfigError(f"{name} has label {max(data.labels)} but there are {self.num_classes} classes")
         torch.manual_seed(config.seed)  # the same head on every process
-        self.model = build_model(config, self.num_classes).to(info.device)
+        self.model = (model if model is not None else build_model(config, self.num_classes)).to(info.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.global_batch = config.batch_size * config.accum_steps * info.world_size
         self.lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.global_batch)

@@ -201,8 +201,8 @@ def _sm_programs(config: configs.TileConfig, device: torch.device) -> int:
     if device.type != "cuda":
         return configs.INTERPRETER_PROGRAMS
     properties = torch.cuda.get_device_properties(device)
-    return properties.multi_processor_count * configs.programs_per_sm(config,
-                                                                     properties.max_threads_per_multi_processor)
+    threads = getattr(properties, "max_threads_per_multi_processor", 2048)  # 2048 on sm_80 and sm_90
+    return properties.multi_processor_count * configs.programs_per_sm(config, threads)
 
 
 def frames_per_chunk(batch: int, frames: int, patches: int, kernel_t: int, programs: int) -> int:

@@ -1,0 +1,1 @@
+"""Few-shot action recognition on frozen image ViTs: MA-CLIP and temporal alignment metrics."""

@@ -23,6 +23,8 @@ class STAdapter(nn.Module):
         prefix_tokens: leading tokens per frame passed through unchanged (class/register tokens).
         layout: "nlc" (B*T, L, C), "lnc" (L, B*T, C) or "btlc" (B, T, L, C).
         scale: multiplier of the adapter branch.
+        residual: True (the official module) returns x + branch; False the branch alone (zero on
+            prefix tokens), for adapters added to another stream (AIM / MA-CLIP style).
         backend: "auto", "triton", "cpp" or "reference".
 
     Initialised like the official module: conv weight and bias and both fc biases are zero, so
@@ -30,7 +32,8 @@ class STAdapter(nn.Module):
     """
 
     def __init__(self, dim: int, bottleneck: int, kernel_t: int = 3, activation: str = "identity",
-                 prefix_tokens: int = 1, layout: str = "nlc", scale: float = 1.0, backend: str = "auto"):
+                 prefix_tokens: int = 1, layout: str = "nlc", scale: float = 1.0, residual: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         for name, value in (("dim", dim), ("bottleneck", bottleneck), ("kernel_t", kernel_t)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -43,7 +46,7 @@ class STAdapter(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.dim, self.bottleneck, self.kernel_t = dim, bottleneck, kernel_t
         self.activation, self.prefix_tokens, self.layout = activation, prefix_tokens, layout
-        self.scale, self.backend = scale, backend
+        self.scale, self.residual, self.backend = scale, residual, backend
         self.fc1 = nn.Linear(dim, bottleneck)
         self.conv = nn.Conv3d(bottleneck, bottleneck, kernel_size=(kernel_t, 1, 1), padding=(kernel_t // 2, 0, 0),
                               groups=bottleneck)
@@ -65,10 +68,10 @@ class STAdapter(nn.Module):
         return st_adapter(
             x, self.fc1.weight, self.fc1.bias, self.conv.weight, self.conv.bias, self.fc2.weight, self.fc2.bias,
             num_frames=num_frames, prefix=self.prefix_tokens, activation=self.activation, cond=cond,
-            scale=self.scale, layout=self.layout, backend=self.backend,
+            scale=self.scale, residual=self.residual, layout=self.layout, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, kernel_t={self.kernel_t}, "
                 f"activation={self.activation!r}, prefix_tokens={self.prefix_tokens}, layout={self.layout!r}, "
-                f"scale={self.scale}, backend={self.backend!r}")
+                f"scale={self.scale}, residual={self.residual}, backend={self.backend!r}")

@@ -62,6 +62,8 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
         return f"dtype {spec.dtype} is not supported by the C++ kernels (float32, bfloat16, float16)"
     if spec.spatial:
         return f"a spatial conv kernel {spec.kernel_hw} is served by the reference only"
+    if not spec.residual:
+        return "residual=False (the adapter branch alone) is not fused yet"
     return None
 
 

@@ -34,6 +34,7 @@ def _st_adapter_op(
     prefix: int,
     activation: str,
     scale: float,
+    residual: bool,
     layout: str,
     backend: str,
 ) -> Tensor:
@@ -42,7 +43,7 @@ def _st_adapter_op(
         as_btlc(out, layout, num_frames),
         as_btlc(x, layout, num_frames),
         AdapterTensors(fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond),
-        AdapterOptions(prefix, activation, scale),
+        AdapterOptions(prefix, activation, scale, residual),
     )
     return out
 
@@ -62,6 +63,7 @@ def _st_adapter_backward_op(
     prefix: int,
     activation: str,
     scale: float,
+    residual: bool,
     layout: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -71,7 +73,7 @@ def _st_adapter_backward_op(
         as_btlc(grad_out, layout, num_frames),
         as_btlc(x, layout, num_frames),
         AdapterTensors(fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond),
-        AdapterOptions(prefix, activation, scale),
+        AdapterOptions(prefix, activation, scale, residual),
     )
     return (dx, *grads)
 
@@ -109,18 +111,19 @@ def _autocast(tensors):
 
 
 def _prepare(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, num_frames, prefix,
-             activation, cond, scale, layout, backend):
+             activation, cond, scale, residual, layout, backend):
     """Autocast, validate and resolve: shared by `st_adapter` and `explain`."""
     tensors = [x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond]
     if isinstance(x, torch.Tensor):
         tensors = _autocast(tensors)
     spec = validate(*tensors[:7], num_frames=num_frames, prefix=prefix, activation=activation,
-                    cond=tensors[7], scale=scale, layout=layout, backend=backend)
+                    cond=tensors[7], scale=scale, residual=residual, layout=layout, backend=backend)
     return tensors, spec, dispatch.resolve(spec, backend)
 
 
 def st_adapter(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, *, num_frames=None,
-               prefix=1, activation="identity", cond=None, scale=1.0, layout="nlc", backend="auto") -> Tensor:
+               prefix=1, activation="identity", cond=None, scale=1.0, residual=True, layout="nlc",
+               backend="auto") -> Tensor:
     """Apply one ST-Adapter to the tokens `x`, out of place; see DESIGN.md for the math.
 
     Args:
@@ -134,21 +137,23 @@ def st_adapter(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_
         activation: one of `stadapter_kernels.ACTIVATIONS`.
         cond: optional (B, Ca) per-video shift of the bottleneck.
         scale: multiplies the adapter branch before the residual add.
+        residual: True (default) returns x + branch; False returns the branch alone (zero on
+            the prefix tokens), for adapters whose caller adds them to another stream.
         backend: "auto", "triton", "cpp" or "reference"; see `explain`.
 
     Returns:
         A new tensor shaped like x; gradients flow to x, every weight and bias, and cond.
     """
     tensors, spec, choice = _prepare(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-                                     num_frames, prefix, activation, cond, scale, layout, backend)
+                                     num_frames, prefix, activation, cond, scale, residual, layout, backend)
     x = tensors[0] if spec.channel_stride_ok else tensors[0].contiguous()
-    return torch.ops.stadapter.st_adapter(x, *tensors[1:], spec.frames, prefix, activation, float(scale), layout,
-                                          choice.backend)
+    return torch.ops.stadapter.st_adapter(x, *tensors[1:], spec.frames, prefix, activation, float(scale), residual,
+                                          layout, choice.backend)
 
 
 def explain(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, *, num_frames=None,
-            prefix=1, activation="identity", cond=None, scale=1.0, layout="nlc",
+            prefix=1, activation="identity", cond=None, scale=1.0, residual=True, layout="nlc",
             backend="auto") -> dispatch.Explanation:
     """Say which backend `st_adapter` would run with these arguments, why, and what it would copy."""
     return _prepare(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, num_frames, prefix,
-                    activation, cond, scale, layout, backend)[2]
+                    activation, cond, scale, residual, layout, backend)[2]

@@ -95,8 +95,12 @@ def forward(out: torch.Tensor, x: torch.Tensor, params: AdapterTensors, options:
     x_patches = x[:, :, prefix:]
     _, _, a = _bottleneck(x_patches, params, options.activation)
     up = F.linear(a.to(x.dtype), params.fc2_weight, params.fc2_bias)
-    out[:, :, :prefix] = x[:, :, :prefix]
-    torch.add(x_patches, up, alpha=options.scale, out=out[:, :, prefix:])
+    if options.residual:
+        out[:, :, :prefix] = x[:, :, :prefix]
+        torch.add(x_patches, up, alpha=options.scale, out=out[:, :, prefix:])
+    else:
+        out[:, :, :prefix] = 0
+        torch.mul(up, options.scale, out=out[:, :, prefix:])
 
 
 def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: AdapterTensors,
@@ -122,8 +126,13 @@ def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: 
     d_fc1_bias = dy.sum((0, 1, 2))
     d_cond = dy.sum((1, 2))
 
-    dx[:, :, :prefix] = grad_out[:, :, :prefix]
-    dx[:, :, prefix:] = grad_patches + F.linear(dy_low, params.fc1_weight.T)
+    through_fc1 = F.linear(dy_low, params.fc1_weight.T)
+    if options.residual:
+        dx[:, :, :prefix] = grad_out[:, :, :prefix]
+        dx[:, :, prefix:] = grad_patches + through_fc1
+    else:
+        dx[:, :, :prefix] = 0
+        dx[:, :, prefix:] = through_fc1
     return AdapterTensors(
         d_fc1_weight.to(dtype), d_fc1_bias.to(dtype), d_conv_weight.to(dtype), d_conv_bias.to(dtype),
         d_fc2_weight.to(dtype), d_fc2_bias.to(dtype), d_cond.to(dtype),
@@ -131,7 +140,7 @@ def backward(dx: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, params: 
 
 
 def oracle(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, *, num_frames=None,
-           prefix=1, activation="identity", cond=None, scale=1.0, layout="nlc") -> torch.Tensor:
+           prefix=1, activation="identity", cond=None, scale=1.0, residual=True, layout="nlc") -> torch.Tensor:
     """float64 ground truth of `st_adapter` (same arguments), differentiable by autograd.
 
     Inputs are cast to float64 (a differentiable cast), so gradients reach the caller's tensors.
@@ -162,7 +171,10 @@ def oracle(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias
     up = a @ f64(fc2_weight).T
     if fc2_bias is not None:
         up = up + f64(fc2_bias)
-    out4 = torch.cat([x4[:, :, :prefix], x_patches + scale * up], dim=2)
+    if residual:
+        out4 = torch.cat([x4[:, :, :prefix], x_patches + scale * up], dim=2)
+    else:
+        out4 = torch.cat([torch.zeros_like(x4[:, :, :prefix]), scale * up], dim=2)
     if layout == "nlc":
         return out4.flatten(0, 1)
     if layout == "lnc":

@@ -40,6 +40,7 @@ class AdapterSpec:
     device: torch.device
     has_cond: bool
     channel_stride_ok: bool  # channel dimension of x has stride 1
+    residual: bool = True  # out = x + branch (True) or the branch alone (False)
 
     @property
     def patches(self) -> int:
@@ -91,6 +92,7 @@ def validate(
     cond,
     scale,
     layout,
+    residual=True,
     backend="auto",
 ) -> AdapterSpec:
     """Check every argument of `st_adapter`; raise TypeError/ValueError naming the culprit."""
@@ -102,6 +104,8 @@ def validate(
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float, got {scale!r}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {residual!r}")
 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {_tensor_type_name(x)}")
@@ -165,7 +169,7 @@ def validate(
         batch=batch, frames=frames, tokens=tokens, prefix=prefix, channels=channels,
         bottleneck=bottleneck, kernel_t=kernel_t, kernel_hw=(kernel_h, kernel_w),
         activation=activation, layout=layout, dtype=x.dtype, device=x.device,
-        has_cond=cond is not None, channel_stride_ok=x.stride(-1) == 1,
+        has_cond=cond is not None, channel_stride_ok=x.stride(-1) == 1, residual=residual,
     )
 
 
@@ -192,8 +196,14 @@ class AdapterTensors(NamedTuple):
 
 @dataclass(frozen=True)
 class AdapterOptions:
-    """The op's non-tensor options that every backend needs."""
+    """The op's non-tensor options that every backend needs.
+
+    `residual=False` drops the identity term: the output is `scale * (a @ w_up.T + b_up)` on
+    the patch tokens and zero on the prefix tokens (an adapter whose caller adds it elsewhere,
+    as AIM/MA-CLIP's parallel and skip-less adapters do).
+    """
 
     prefix: int
     activation: str
     scale: float
+    residual: bool = True

@@ -38,6 +38,7 @@ class Case:
     scale: float = 0.5
     biases: bool = True
     cond: bool = False
+    residual: bool = True
     kernel_hw: int = 1
     dtype: torch.dtype = torch.float32
 
@@ -75,7 +76,7 @@ def make_inputs(case: Case, device="cpu", seed: int | None = None) -> dict[str, 
 
 def op_kwargs(case: Case) -> dict:
     return dict(num_frames=case.frames, prefix=case.prefix, activation=case.activation, scale=case.scale,
-                layout=case.layout)
+                residual=case.residual, layout=case.layout)
 
 
 def call(fn, inputs: dict, case: Case, **extra):

@@ -47,6 +47,7 @@ BAD = {
     "cond shape": (with_option("cond", torch.zeros(3, 4)), ValueError, "cond must have shape"),
     "cond dtype": (with_option("cond", torch.zeros(2, 4, dtype=torch.float16)), TypeError, "cond has dtype"),
     "scale tensor": (with_option("scale", torch.tensor(1.0)), TypeError, "scale must be"),
+    "residual not a bool": (with_option("residual", 1), TypeError, "residual must be a bool"),
     "spatial kernel without a square grid": (with_input("conv_weight", lambda w: w.expand(4, 1, 3, 3, 3)), ValueError,
                                              "square grid"),
 }

@@ -20,6 +20,8 @@ GRID = (
     + [BASE.with_(kernel_hw=3, tokens=10), BASE.with_(kernel_hw=3, tokens=17, prefix=1, layout="lnc")]
     + [BASE.with_(dtype=dtype, layout=layout) for dtype in (torch.bfloat16, torch.float16) for layout in sk.LAYOUTS]
     + [BASE.with_(dtype=torch.float64, activation="quick_gelu", cond=True)]
+    + [BASE.with_(residual=False, kernel_t=1, prefix=0, tokens=6), BASE.with_(residual=False, cond=True),
+       BASE.with_(residual=False, layout="lnc", dtype=torch.bfloat16)]
 )
 
 

@@ -42,6 +42,8 @@ def unavailable_reason(spec: AdapterSpec) -> str | None:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16 or float32)"
     if spec.spatial:
         return f"a spatial conv kernel {spec.kernel_hw} is not fused (temporal (kt, 1, 1) only)"
+    if not spec.residual:
+        return "residual=False (the adapter branch alone) is not fused yet"
     if spec.kernel_t > MAX_KERNEL_T:
         return f"temporal kernel kt={spec.kernel_t} is larger than the fused maximum {MAX_KERNEL_T}"
     if spec.bottleneck > configs.MAX_BOTTLENECK:

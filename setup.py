@@ -58,10 +58,16 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["stadapter_kernels*", "stadapter*", "benchmarks*"]),
-    install_requires=TORCH_PINS + ["timm", "einops", "numpy", "tqdm"],
+    # The benchmark suite lives in the repository's benchmarks/ folder and installs as
+    # stadapter.bench (`stadapter bench`): a top-level `benchmarks` package in site-packages
+    # would collide with other projects' own.
+    packages=find_packages(include=["stadapter_kernels*", "stadapter*"]) + ["stadapter.bench"],
+    package_dir={"stadapter.bench": "benchmarks"},
+    install_requires=TORCH_PINS + ["timm", "einops", "numpy", "tqdm", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # open_clip and OpenAI's CLIP (clip-anytorch; the tests load its clip/model.py as a file)
+        # are needed only by the tests of their backbone families.
+        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "clip-anytorch"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["stadapter=stadapter.cli:main"]},

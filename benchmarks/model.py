@@ -1,8 +1,10 @@
-"""The whole-model mode: a ViT-B/16-shaped frozen timm backbone with a pre-MLP adapter per block.
+"""The whole-model mode: a ViT-B/16-shaped frozen timm backbone made a video model by `VideoViT`,
+with a pre-MLP adapter in every block, as the official ST-Adapter has it.
 
-Random weights (pretrained=False, nothing is downloaded). Each block is wrapped so the adapter
-acts on the residual stream before the MLP, as the official ST-Adapter does; injection into
-backbones proper belongs to `stadapter`, this wrapper exists only to time the adapters in context.
+Random weights (pretrained=False, nothing is downloaded). Every provider's model is built by
+`stadapter.models.VideoViT` (so by `add_st_adapters`); the providers then differ only in the
+module that sits in each block's adapter slot: the fused or reference `STAdapter`, the official
+module's data flow, one compiled function, or a per-channel shift (the floor).
 """
 
 from __future__ import annotations
@@ -12,23 +14,13 @@ from torch import nn
 
 import stadapter_kernels
 from stadapter import STAdapter
+from stadapter.inject import CHILD_NAMES, adapted_blocks
+from stadapter.models import VideoViT
 
 from . import config
 from .providers import Case, OfficialAdapter, Shape, Unavailable, compiled, fused_reason, init_adapter_
 
-
-class AdaptedBlock(nn.Module):
-    """timm Block with an adapter on the residual stream between attention and MLP."""
-
-    def __init__(self, block: nn.Module, adapter: nn.Module, num_frames: int):
-        super().__init__()
-        self.block, self.adapter, self.num_frames = block, adapter, num_frames
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
-        x = self.adapter(x, self.num_frames)
-        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+NUM_CLASSES = 400  # Kinetics-400's head
 
 
 def _reference_adapter(x, num_frames, *params):
@@ -62,29 +54,28 @@ class CompiledAdapter(STAdapter):
 
 def build_model(provider: str, cfg: config.ModelConfig, dtype: torch.dtype, device: str,
                 notes: list[str]) -> nn.Module:
-    """The backbone, frozen, with `provider`'s adapter in every block (a per-channel shift for `floor`)."""
+    """The frozen backbone as a VideoViT with `provider`'s module in every adapter slot."""
     from timm.models.vision_transformer import VisionTransformer
 
     width = config.WIDTHS[cfg.width]
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=width, depth=cfg.depth,
-                            num_heads=config.VIT_HEADS[cfg.width], num_classes=0)
-    vit.requires_grad_(False)
-    shared = None
-    blocks = []
-    for i, block in enumerate(vit.blocks):
+                            num_heads=config.VIT_HEADS[cfg.width], num_classes=0, pre_norm=True)
+    backend = "auto" if provider == "fused" else "reference"
+    model = VideoViT(vit, NUM_CLASSES, cfg.frames, bottleneck=cfg.bottleneck, backend=backend)
+    shared = compiled(_reference_adapter, notes) if provider == "compile" else None
+    for index, block in adapted_blocks(model):
+        slot = CHILD_NAMES["pre_mlp"]
         if provider == "floor":
             adapter = ShiftAdapter(width)
         elif provider == "official":
             adapter = OfficialAdapter(width, cfg.bottleneck)
         elif provider == "compile":
-            shared = shared or compiled(_reference_adapter, notes)
             adapter = CompiledAdapter(shared, width, cfg.bottleneck)
         else:
-            adapter = STAdapter(width, cfg.bottleneck, backend="auto" if provider == "fused" else "reference")
-        blocks.append(AdaptedBlock(block, init_adapter_(adapter, seed=i), cfg.frames))
-    vit.blocks = nn.Sequential(*blocks)
-    return vit.to(device, dtype)
+            adapter = getattr(block, slot)
+        setattr(block, slot, init_adapter_(adapter, seed=index))
+    return model.to(device, dtype)
 
 
 def model_case(provider: str, mode: str, cfg: config.ModelConfig, dtype: torch.dtype, device: str) -> Case:
@@ -92,7 +83,7 @@ def model_case(provider: str, mode: str, cfg: config.ModelConfig, dtype: torch.d
     notes = ["adapters replaced by a per-channel shift"] if provider == "floor" else []
     notes += [f"{cfg.depth} of 12 blocks" if cfg.depth < 12 else "12 blocks",
              f"{cfg.clips} clip(s) x {cfg.frames} frames"]
-    clips = torch.randn(cfg.clips * cfg.frames, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    clips = torch.randn(cfg.clips, 3, cfg.frames, 224, 224, generator=torch.Generator().manual_seed(3))
     clips = clips.to(device, dtype)
     width = config.WIDTHS[cfg.width]
     backend = {"official": "torch (nn.Linear, nn.Conv3d)", "reference": "reference",

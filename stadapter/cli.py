@@ -1,5 +1,5 @@
 """The `stadapter` console script. `stadapter bench [options]` runs the benchmark suite
-(`benchmarks.runner`, the same as `python -m benchmarks`); `stadapter bench --help` lists its options."""
+(the repository's benchmarks/, installed as `stadapter.bench`; the same as `python -m benchmarks`); `stadapter bench --help` lists its options."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ def main(argv=None) -> int:
     if args.command == "bench":
         # Imported here so `stadapter --help` does not load torch; every option goes to the runner,
         # whose parser owns them (and --help).
-        from benchmarks.runner import main as bench_main
+        try:
+            from stadapter.bench.runner import main as bench_main  # installed: benchmarks/ is stadapter.bench
+        except ImportError:  # a source checkout on PYTHONPATH, not installed (e.g. the lent GPU machine)
+            from benchmarks.runner import main as bench_main
 
         return bench_main(rest)
     parser.error(f"unknown command {args.command!r}")

@@ -36,3 +36,26 @@ def test_compile_fullgraph_matches_eager(backend):
     assert rel_error(actual, eager) < 1e-5
     for a, e in zip(actual_grads, eager_grads):
         assert rel_error(a, e) < 1e-5
+
+
+# Inductor on one family; the sequence-first family through aot_eager, which traces the same graph
+# (no break allowed) without inductor's code generation, the slow part on a 2-core machine.
+@pytest.mark.parametrize("family, compiler", [("timm", "inductor"), ("openai", "aot_eager")])
+def test_compile_fullgraph_video_model_matches_eager(family, compiler):
+    from backbone_zoo import IMAGE, make, perturb_adapters
+    from stadapter.models import VideoViT
+
+    torch._dynamo.reset()
+    model = VideoViT(make(family), num_classes=3, num_frames=2, dropout=0.0, positions=("pre_attn", "pre_mlp"),
+                     bottleneck=8)
+    perturb_adapters(model)
+    clips = torch.randn(2, 3, 2, IMAGE, IMAGE)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    eager = model(clips).square().sum()
+    eager_grads = torch.autograd.grad(eager, trainable)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    actual = compiled(clips).square().sum()
+    actual_grads = torch.autograd.grad(actual, trainable)
+    assert rel_error(actual, eager) < 1e-5
+    for a, e in zip(actual_grads, eager_grads):
+        assert rel_error(a, e) < 1e-5

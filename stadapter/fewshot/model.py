@@ -22,6 +22,9 @@ down-projection) instead of appending a text token.
 
 The adapters live in this module, not in the backbone: the backbone's own forward and state
 dict are untouched.
+
+`FramePrototypes` is the text-free baseline: a backbone's per-frame class tokens (ST-Adapters
+injected into it or not) compared with mean-over-shots prototypes by a metric.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import find_backbone
+from .. import set_num_frames
+from ..inject import is_adapted
 from ..modules import STAdapter
 from .metrics import build_metric
 from .tpcm import TPCM, prototypes
@@ -95,6 +100,16 @@ def _check_clips(name: str, clips: Tensor) -> None:
         raise ValueError(f"{name} must be float clips (videos, 3, frames, height, width), got {shape}")
 
 
+def _check_episode(support: Tensor, query: Tensor, class_text: Tensor, shot: int, text_dim: int | None) -> None:
+    _check_clips("support", support)
+    _check_clips("query", query)
+    if class_text.dim() != 2 or (text_dim is not None and class_text.shape[1] != text_dim):
+        raise ValueError(f"class_text must be (way, {text_dim or 'dim'}), got {tuple(class_text.shape)}")
+    way = class_text.shape[0]
+    if support.shape[0] != way * shot:
+        raise ValueError(f"support must hold way * shot = {way} * {shot} clips, got {support.shape[0]}")
+
+
 class MACLIP(nn.Module):
     """MA-CLIP on a frozen image ViT and a frozen text encoder's features.
 
@@ -115,6 +130,8 @@ class MACLIP(nn.Module):
     backbone has no projection, or one of another width, a tuned linear map to `text_dim`
     follows (`video_projection`).
     """
+
+    text_conditioned = True  # support features depend on the class text
 
     def __init__(self, backbone: nn.Module, text_dim: int, bottleneck: int | None = None,
                  temporal: str = "attention", text: str = "token", metric: str = "otam",
@@ -199,9 +216,7 @@ class MACLIP(nn.Module):
         x = self.spec.embed(images)
         for index, text_fc in enumerate(self.text_fcs):
             x = self._block(index, x, frames, None if text is None else text_fc(text))
-        features = self.spec.final_norm(x)[:, 0]
-        if self.spec.projection is not None:
-            features = features @ self.spec.projection
+        features = class_token_features(self.spec, x)
         if self.video_projection is not None:
             features = self.video_projection(features)
         return features.unflatten(0, (videos, frames))
@@ -209,6 +224,27 @@ class MACLIP(nn.Module):
     def _text_logits(self, frames: Tensor, class_text: Tensor) -> Tensor:
         video = F.normalize(frames.mean(dim=1), dim=-1)
         return self.logit_scale.exp().clamp(max=100) * video @ F.normalize(class_text, dim=-1).T
+
+    def support_features(self, clips: Tensor, text: Tensor) -> Tensor:
+        """Labelled videos, their class text entering every block and TPCM: (B, 3, T, H, W),
+        (B, text_dim) -> (B, 2, T, D), the frame features and their TPCM output stacked.
+
+        Everything per video is computed here, so evaluation can compute it once per video."""
+        frames = self.frame_features(clips, text)
+        return torch.stack([frames, self.tpcm(frames, text)], dim=1)
+
+    def query_features(self, clips: Tensor) -> Tensor:
+        """Unlabelled videos: (B, 3, T, H, W) -> (B, 2, T, D), frame features and TPCM output."""
+        frames = self.frame_features(clips)
+        return torch.stack([frames, self.tpcm(frames)], dim=1)
+
+    def episode(self, support: Tensor, query: Tensor, class_text: Tensor, shot: int) -> EpisodeOutput:
+        """The episode from `support_features` and `query_features`: mean-over-shots prototypes
+        of the TPCM outputs, their alignment with the queries', and the video-text logits of the
+        frame features."""
+        protos = prototypes(support[:, 1], class_text.shape[0], shot)
+        return EpisodeOutput(self.metric(query[:, 1], protos), self._text_logits(query[:, 0], class_text),
+                             self._text_logits(support[:, 0], class_text))
 
     def forward(self, support: Tensor, query: Tensor, class_text: Tensor, shot: int) -> EpisodeOutput:
         """One episode.
@@ -219,17 +255,65 @@ class MACLIP(nn.Module):
             class_text: (way, text_dim) frozen features of the episode's class prompts.
             shot: K.
         """
-        _check_clips("support", support)
-        _check_clips("query", query)
-        way = class_text.shape[0]
-        if class_text.dim() != 2 or class_text.shape[1] != self.text_dim:
-            raise ValueError(f"class_text must be (way, {self.text_dim}), got {tuple(class_text.shape)}")
-        if support.shape[0] != way * shot:
-            raise ValueError(f"support must hold way * shot = {way} * {shot} clips, got {support.shape[0]}")
+        _check_episode(support, query, class_text, shot, self.text_dim)
         support_text = class_text.repeat_interleave(shot, dim=0)
-        support_frames = self.frame_features(support, support_text)
-        query_frames = self.frame_features(query)
-        protos = prototypes(self.tpcm(support_frames, support_text), way, shot)
-        distance = self.metric(self.tpcm(query_frames), protos)
-        return EpisodeOutput(distance, self._text_logits(query_frames, class_text),
-                             self._text_logits(support_frames, class_text))
+        return self.episode(self.support_features(support, support_text), self.query_features(query),
+                            class_text, shot)
+
+def class_token_features(spec, tokens: Tensor) -> Tensor:
+    """Final norm, class token and visual projection (when the backbone has one): (N, D)."""
+    features = spec.final_norm(tokens)[:, 0]
+    return features if spec.projection is None else features @ spec.projection
+
+
+class FramePrototypes(nn.Module):
+    """Baseline: per-frame class tokens of `backbone` as it is, a metric over prototypes.
+
+    Inject ST-Adapters first (`stadapter.add_st_adapters`) for the "+ ST-Adapters" baseline;
+    without adapters nothing is tunable (the frozen backbone + metric). No text: the loss and
+    prediction are Q2S alone (`alpha = 0`).
+    """
+
+    alpha = 0.0
+    text_conditioned = False
+
+    def __init__(self, backbone: nn.Module, metric: str = "otam", metric_options: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = find_backbone(backbone)
+        self.adapted = any(is_adapted(block) for block in self.spec.blocks)
+        dim = self.spec.width if self.spec.projection is None else self.spec.projection.shape[1]
+        self.metric = build_metric(metric, dim, **(metric_options or {}))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen parts stay in inference mode; the adapters have no dropout
+        return self
+
+    def tunable_parameters(self) -> dict[str, Tensor]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def frame_features(self, clips: Tensor) -> Tensor:
+        """clips (B, 3, T, H, W) -> (B, T, D)."""
+        _check_clips("clips", clips)
+        videos, _, frames = clips.shape[:3]
+        if self.adapted:
+            set_num_frames(self.backbone, frames)
+        tokens = self.spec.run_blocks(self.spec.embed(clips.transpose(1, 2).flatten(0, 1)))
+        return class_token_features(self.spec, tokens).unflatten(0, (videos, frames))
+
+    def support_features(self, clips: Tensor, text: Tensor | None = None) -> Tensor:
+        """Frame features; no text enters (the same as `query_features`)."""
+        return self.frame_features(clips)
+
+    def query_features(self, clips: Tensor) -> Tensor:
+        return self.frame_features(clips)
+
+    def episode(self, support_frames: Tensor, query_frames: Tensor, class_text: Tensor, shot: int) -> EpisodeOutput:
+        """Mean-over-shots prototypes and the metric; `class_text` only gives the way."""
+        return EpisodeOutput(self.metric(query_frames, prototypes(support_frames, class_text.shape[0], shot)))
+
+    def forward(self, support: Tensor, query: Tensor, class_text: Tensor, shot: int) -> EpisodeOutput:
+        """One episode (same arguments as `MACLIP.forward`)."""
+        _check_episode(support, query, class_text, shot, None)
+        return self.episode(self.frame_features(support), self.frame_features(query), class_text, shot)

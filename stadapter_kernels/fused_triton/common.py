@@ -172,19 +172,63 @@ def store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, frame, T, x_st, w_down_p
 
 
 @triton.jit
-def copy_prefix_tile(src_ptr, dst_ptr, prefix_tile, batch, T, C, prefix,
+def copy_prefix_tile(src_ptr, dst_ptr, prefix_tile, batch, t_start, t_end, C, prefix,
                      src_sb, src_st, src_sl, dst_sb, dst_st, dst_sl,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Copy one tile of prefix tokens (class/register tokens) of every frame of one video."""
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, COPY: tl.constexpr):
+    """Copy one tile of prefix tokens (class/register tokens) of frames t_start .. t_end - 1 of
+    one video; with COPY false (residual=False: no identity term) write zeros instead."""
     token = prefix_tile * BLOCK_P + tl.arange(0, BLOCK_P)
     token_mask = token < prefix
     b = batch.to(tl.int64)
     src_rows = b * src_sb + token.to(tl.int64) * src_sl
     dst_rows = b * dst_sb + token.to(tl.int64) * dst_sl
-    for t in range(T):
+    for t in range(t_start, t_end):
         frame = b * 0 + t  # int64, so frame * stride cannot overflow
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             mask = token_mask[:, None] & (c < C)[None, :]
-            v = tl.load(src_ptr + (src_rows + frame * src_st)[:, None] + c[None, :], mask=mask)
+            if COPY:
+                v = tl.load(src_ptr + (src_rows + frame * src_st)[:, None] + c[None, :], mask=mask)
+            else:
+                v = tl.zeros((BLOCK_P, BLOCK_C), dst_ptr.dtype.element_ty)
             tl.store(dst_ptr + (dst_rows + frame * dst_st)[:, None] + c[None, :], v, mask=mask)
+
+
+@triton.jit
+def row_group_sums(v, BLOCK_P: tl.constexpr, WIDTH: tl.constexpr):
+    """(BLOCK_P, WIDTH) fp32 -> (BLOCK_P // 16, WIDTH): each group of 16 rows (configs.ROW_GROUP) summed as a fixed
+    pairwise tree ((r0 + r1) + (r2 + r3)) + ...
+
+    Every step adds exactly two numbers, which IEEE addition does identically in either order,
+    so the sums are the same bits whatever BLOCK_P, the warps or the register layout (a plain
+    tl.sum over the rows is ordered by the layout, which changes with the config).
+    """
+    v = tl.sum(tl.reshape(v, (BLOCK_P // 2, 2, WIDTH)), axis=1)
+    v = tl.sum(tl.reshape(v, (BLOCK_P // 4, 2, WIDTH)), axis=1)
+    v = tl.sum(tl.reshape(v, (BLOCK_P // 8, 2, WIDTH)), axis=1)
+    return tl.sum(tl.reshape(v, (BLOCK_P // 16, 2, WIDTH)), axis=1)
+
+
+@triton.jit
+def store_row_group_sums(ptr, v, first_group, groups, row_stride, cols, col_mask,
+                         BLOCK_P: tl.constexpr, WIDTH: tl.constexpr):
+    """Store row_group_sums(v) as rows first_group .. of a partial buffer with `row_stride`
+    elements per row; groups past `groups` (rows past P) are not stored."""
+    group = first_group + tl.arange(0, BLOCK_P // 16)
+    sums = row_group_sums(v, BLOCK_P, WIDTH)
+    tl.store(ptr + group.to(tl.int64)[:, None] * row_stride + cols[None, :], sums,
+             mask=(group < groups)[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def chunk_item(work, items_per_video, prefix_tiles, chunks):
+    """(batch, tile, chunk) of a persistent work item: per video the prefix tiles first (chunk 0,
+    they copy every frame), then each patch tile's T chunks, adjacent so the programs that
+    share a tile's halo frames run together."""
+    batch = work // items_per_video
+    r = work % items_per_video
+    is_patch = r >= prefix_tiles
+    patch_item = r - prefix_tiles
+    tile = tl.where(is_patch, patch_item // chunks + prefix_tiles, r)
+    chunk = tl.where(is_patch, patch_item % chunks, 0)
+    return batch, tile, chunk

@@ -2,10 +2,11 @@
 
 A class is a motion, optionally of one digit (`MotionClass("left", digit=3)` is "a 3 moving
 left"). Digits are scikit-learn's bundled 8 x 8 handwritten digits (offline), upscaled and
-moved over a black canvas. Motions come in time-reversed pairs drawn from one path
-distribution ("left" is "right" played backwards, "counterclockwise" is "clockwise"
-backwards), so the set of frames of a video - and so any average over its frames - says
-nothing about which of a pair it is; only the order of the frames does.
+moved over a black canvas. Motions come in pairs drawn from one path distribution: "left" is
+"right" played backwards, "counterclockwise" is "clockwise" backwards, and "left and back" is
+"right and back" mirrored (a there-and-back path reads the same backwards). Within a pair the
+frames of a video are spread over the same places, so the set of its frames - and any average
+over them - says nothing about which of the pair it is; only their order does.
 
 Train and test videos use disjoint handwriting samples (`split`).
 """
@@ -22,8 +23,9 @@ import numpy as np
 
 from stadapter.data import write_video
 
-# motion -> (path, reversed): the path maps progress s in [0, 1] and the video's random path
-# parameters to positions in [0, 1]^2 (fractions of the free range of the canvas).
+# motion -> (path, flipped): the path maps progress s in [0, 1] and the video's random path
+# parameters to positions in [0, 1]^2 (fractions of the free range of the canvas); flipped
+# plays it backwards, or for the there-and-back path (a palindrome in time) mirrors it.
 MOTIONS = {
     "right": ("horizontal", False),
     "left": ("horizontal", True),
@@ -77,10 +79,10 @@ def _draw_path(rng: np.random.Generator) -> dict:
 
 def positions(motion: str, num_frames: int, rng: np.random.Generator) -> np.ndarray:
     """(num_frames, 2) positions (x, y) in [0, 1] of one random video of `motion`."""
-    path, backwards = MOTIONS[motion]
+    path, flipped = MOTIONS[motion]
     p = _draw_path(rng)
     s = np.linspace(0.0, 1.0, num_frames)
-    if backwards:
+    if flipped and path != "horizontal_and_back":
         s = s[::-1]
     sweep = p["start"] + (p["end"] - p["start"]) * s
     if path == "horizontal":
@@ -88,7 +90,8 @@ def positions(motion: str, num_frames: int, rng: np.random.Generator) -> np.ndar
     elif path == "vertical":
         xy = np.stack([np.full_like(s, p["lane"]), sweep], 1)
     elif path == "horizontal_and_back":
-        there_and_back = p["start"] + (p["end"] - p["start"]) * (1 - np.abs(2 * s - 1))
+        out = (p["end"] - p["start"]) * (1 - np.abs(2 * s - 1))
+        there_and_back = p["end"] - out if flipped else p["start"] + out
         xy = np.stack([there_and_back, np.full_like(s, p["lane"])], 1)
     else:
         angle = p["phase"] + 2 * math.pi * s

@@ -76,7 +76,7 @@ def pretrain_frame_vit(config: FrameViTConfig | None = None, steps: int = 400, b
         optimizer.step()
         schedule.step()
         if log is not None and (step % 50 == 0 or step == steps - 1):
-            log(step, float(loss))
+            log(step, float(loss.detach()))
     model.eval()
     frames, digits = random_frames(eval_frames, config.img_size, digit_size, np.random.default_rng(seed + 1), "test")
     with torch.no_grad():

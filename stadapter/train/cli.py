@@ -40,7 +40,7 @@ def train_main(argv=None) -> int:
     final = summary["final_eval"]
     if summary["processes"] == 1 or _rank() == 0:
         result = f"top-1 {final['top1']:.2f}%" if final else "no evaluation data"
-        print(f"trained {summary['step']} steps at {summary['clips_per_second']:.2f} clips/s "
+        print(f"trained {summary['step']} steps at {summary['clips_per_second']:.3g} clips/s "
               f"(peak RSS {summary['peak_rss_mib']:.0f} MiB per process); {result}; "
               f"{summary['skipped_videos']} videos skipped; adapters in {summary['adapters_file']}")
     return 0

@@ -154,13 +154,22 @@ def train(config: TrainConfig) -> dict:
     config.check_paths()
     info = init_distributed(config.device)
     try:
-        return _Run(config, info).run()
+        return Trainer(config, info).run()
     finally:
         shutdown(info)
 
 
-class _Run:
-    def __init__(self, config: TrainConfig, info: Distributed):
+class Trainer:
+    """One training run: data, model, optimizer, schedule and checkpoints (`train` runs it).
+
+    `model`, if given, is trained instead of the config's (clips (B, 3, T, H, W) -> logits; its
+    parameters that require grad are what is trained and checkpointed). Its pieces are public
+    for tests and custom loops: `epoch_loader(epoch)` gives an epoch's DataLoader (resuming
+    mid-epoch where the step says), `forward_backward(batch)` one micro-batch,
+    `optimizer_step()` the update.
+    """
+
+    def __init__(self, config: TrainConfig, info: Distributed, model: nn.Module | None = None):
         self.config, self.info = config, info
         if config.amp == "float16" and info.device.type != "cuda":
             raise ConfigError("amp float16 needs CUDA (use bfloat16 on the CPU)")
@@ -182,7 +191,7 @@ class _Run:
             if data is not None and max(data.labels) >= self.num_classes:
                 raise ConfigError(f"{name} has label {max(data.labels)} but there are {self.num_classes} classes")
         torch.manual_seed(config.seed)  # the same head on every process
-        self.model = build_model(config, self.num_classes).to(info.device)
+        self.model = (model if model is not None else build_model(config, self.num_classes)).to(info.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.global_batch = config.batch_size * config.accum_steps * info.world_size
         self.lr = config.lr if config.lr is not None else scaled_lr(config.blr, self.global_batch)
@@ -275,36 +284,17 @@ class _Run:
         train_seconds, trained_clips = 0.0, 0
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         while self.step < stop:
-            epoch = self.step // self.steps_per_epoch
-            self.sampler.set_epoch(epoch)
-            self.train_set.set_epoch(epoch)
-            self.sampler.skip = (self.step % self.steps_per_epoch) * config.accum_steps * config.batch_size
-            loader = _loader(self.train_set, config.batch_size, self.sampler, config, info.device,
-                             config.seed * 100003 + epoch, drop_last=True)
+            loader = self.epoch_loader(self.step // self.steps_per_epoch)
             self.model.train()
             micro = 0
             step_start = time.perf_counter()
             for batch in loader:
                 last_micro = (micro + 1) % config.accum_steps == 0
-                sync = contextlib.nullcontext() if last_micro or not info.enabled else self.forward_model.no_sync()
-                with sync:
-                    with autocast_context(info.device, config.amp):
-                        logits = self.forward_model(normalize_clips(batch["clips"].to(info.device, non_blocking=True)))
-                    loss = nn.functional.cross_entropy(logits.float(), batch["labels"].to(info.device))
-                    self.scaler.scale(loss / config.accum_steps).backward()
-                window_loss += float(loss.detach()) / config.accum_steps
-                self.skipped.update(batch["skipped"])
+                window_loss += self.forward_backward(batch, sync=last_micro) / config.accum_steps
                 micro += 1
                 if not last_micro:
                     continue
-                if config.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.trainable, config.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
+                self.optimizer_step()
                 window_steps += 1
                 now = time.perf_counter()
                 train_seconds += now - step_start
@@ -319,6 +309,39 @@ class _Run:
             self._end_of_stretch(stop)
         bar.close()
         return self._finish(time.perf_counter() - started, train_seconds, trained_clips)
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        """The DataLoader of `epoch`, starting after the micro-batches `self.step` has done in it."""
+        config = self.config
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        done = self.step - epoch * self.steps_per_epoch
+        self.sampler.skip = max(done, 0) * config.accum_steps * config.batch_size
+        return _loader(self.train_set, config.batch_size, self.sampler, config, self.info.device,
+                       config.seed * 100003 + epoch, drop_last=True)
+
+    def forward_backward(self, batch: dict, sync: bool = True) -> float:
+        """Loss of one micro-batch, its gradient accumulated into the trainable tensors
+        (scaled by 1 / accum_steps); `sync=False` skips DDP's all-reduce (accumulation)."""
+        config, info = self.config, self.info
+        context = contextlib.nullcontext() if sync or not info.enabled else self.forward_model.no_sync()
+        with context:
+            with autocast_context(info.device, config.amp):
+                logits = self.forward_model(normalize_clips(batch["clips"].to(info.device, non_blocking=True)))
+            loss = nn.functional.cross_entropy(logits.float(), batch["labels"].to(info.device))
+            self.scaler.scale(loss / config.accum_steps).backward()
+        self.skipped.update(batch["skipped"])
+        return float(loss.detach())
+
+    def optimizer_step(self) -> None:
+        if self.config.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, self.config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
 
     def _log(self, loss: float, clips_per_second: float, bar) -> None:
         loss = mean_over_ranks(loss, self.info)
@@ -364,10 +387,10 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, **overrides) -
     on `data` (default: the run's val_data), with `TrainConfig` overrides such as the views."""
     from stadapter import load_adapters
 
-    from .checkpoints import ADAPTERS, read_config
+    from .checkpoints import ADAPTERS, MANIFEST, read_config
 
     path = Path(checkpoint)
-    if path.is_dir() and not (path / ADAPTERS).exists():
+    if path.is_dir() and not (path / MANIFEST).exists():  # an output folder, not a checkpoint
         newest = latest_valid_checkpoint(path)
         if newest is None:
             raise CheckpointError(f"{checkpoint}: no valid checkpoint in this folder")

@@ -189,3 +189,22 @@ def test_cli_train_then_eval(videos, tmp_path):
                  "--json", str(result_file), *common]) == 0
     result = json.loads(result_file.read_text())
     assert result["episodes"] == 3 and 0 <= result["accuracy"] <= 100
+
+
+def test_cli_demo_tiny_run_writes_table_json_and_plot(tmp_path, capsys):
+    report, figure = tmp_path / "demo.json", tmp_path / "demo.png"
+    assert main(["demo", "--train-videos", "2", "--test-videos", "6", "--frames", "2", "--train-queries", "1",
+                 "--queries", "1", "--pretrain-steps", "20", "--train-episodes", "2", "--eval-episodes", "3",
+                 "--timing-episodes", "1", "--json", str(report), "--plot", str(figure)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(report.read_text())
+    assert [entry["model"] for entry in result["results"]] == ["frozen + OTAM", "+ ST-Adapters",
+                                                               "+ MA-CLIP adapters and TPCM"]
+    for entry in result["results"]:
+        assert entry["1-shot"]["episodes"] == entry["5-shot"]["episodes"] == 3
+        assert f"{entry['1-shot']['accuracy']:.1f} +- {entry['1-shot']['ci95']:.1f}" in printed
+    assert result["results"][0]["tunable_params"] == 0 and "meta_train" not in result["results"][0]
+    for row in ("+ ST-Adapters", "+ MA-CLIP adapters and TPCM"):
+        assert set(result["throughput"][row]) == {"auto", "reference"}
+        assert all(v["episodes_per_second"] > 0 for v in result["throughput"][row].values())
+    assert figure.stat().st_size > 0

@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder: checkpoints, metrics.jsonl, args.json")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
-    evaluate = commands.add_parser("eval", help="test accuracy over episodes, with its 95% CI")
+    evaluate = commands.add_parser("eval", help="test accuracy over episodes, with its 95%% CI")
     _data_arguments(evaluate, "test")
     _model_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="a train --out folder")

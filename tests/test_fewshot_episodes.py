@@ -1,7 +1,5 @@
 """Few-shot split files and the seeded N-way K-shot episode sampler."""
 
-import os
-
 import pytest
 
 from stadapter.fewshot.episodes import EpisodeSampler, Split, check_disjoint, read_split, read_splits

@@ -21,7 +21,6 @@ and on the eager reference backend, on the same episodes in the same run, in alt
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import tempfile

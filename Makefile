@@ -49,3 +49,9 @@ clean:
 .PHONY: demo
 demo: extension
 	$(PY) -m stadapter.cli demo --output runs/demo --json runs/demo/results.json
+
+# The few-shot demo (MA-CLIP on moving digits, offline, minutes on a CPU): table on stdout,
+# fewshot-demo.json and fewshot-demo.png here.
+.PHONY: fewshot-demo
+fewshot-demo: extension
+	$(PY) -m stadapter.fewshot.cli demo --json fewshot-demo.json --plot fewshot-demo.png

@@ -7,8 +7,6 @@ import json
 
 import pytest
 
-pytest.importorskip("av", reason="the trainer reads videos with PyAV (pip install av)")
-pytest.importorskip("sklearn", reason="the moving digits come from scikit-learn's bundled digits")
 
 from test_train import TINY_VIT, write_tiny_videos
 

@@ -14,7 +14,7 @@ $(INSTALLED): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,train,fewshot]"
 	touch $@
 
 install: $(INSTALLED)
@@ -49,3 +49,9 @@ clean:
 .PHONY: demo
 demo: extension
 	$(PY) -m stadapter.cli demo --output runs/demo --json runs/demo/results.json
+
+# The few-shot demo (MA-CLIP on moving digits, offline, minutes on a CPU): table on stdout,
+# fewshot-demo.json and fewshot-demo.png here.
+.PHONY: fewshot-demo
+fewshot-demo: extension
+	$(PY) -m stadapter.fewshot.cli demo --json fewshot-demo.json --plot fewshot-demo.png

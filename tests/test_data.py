@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("av", reason="stadapter.data needs PyAV (pip install av)")
 
 from stadapter.data import (ClipConfig, VideoDataset, VideoDecodeError, VideoSkippedWarning, collate_clips,
                             dense_indices, normalize_clips, probe, read_frames, sample_indices, view_geometries,

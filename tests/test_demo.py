@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("av", reason="the demo writes and reads mp4 files with PyAV (pip install av)")
-pytest.importorskip("sklearn", reason="the moving digits come from scikit-learn's bundled digits")
 
 from stadapter.data import ClipConfig, VideoDataset
 from stadapter.demo import MOTIONS, MotionClass, digit_images, pretrain_frame_vit, write_moving_digits

@@ -14,8 +14,6 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("av", reason="the trainer reads videos with PyAV (pip install av)")
-pytest.importorskip("sklearn", reason="the moving digits come from scikit-learn's bundled digits")
 
 from safetensors.torch import load_file
 

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 import torch.multiprocessing as mp
-
-pytest.importorskip("av", reason="the trainer reads videos with PyAV (pip install av)")
-pytest.importorskip("sklearn", reason="the moving digits come from scikit-learn's bundled digits")
 
 from test_train import TINY_VIT, tiny_config, write_tiny_videos
 

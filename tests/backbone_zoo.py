@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 import types
 from pathlib import Path
 
@@ -84,13 +83,13 @@ class OfficialAdapter(nn.Module):
 
     def forward(self, x, num_frames):
         bt, tokens, _ = x.shape
-        batch, ca, p = bt // num_frames, self.conv.in_channels, self.prefix
-        side = math.isqrt(tokens - p)
+        batch, patches, ca, p = bt // num_frames, tokens - self.prefix, self.conv.in_channels, self.prefix
         x_id = x.clone()  # the official module adds in place; a clone keeps autograd happy on leaves
         h = self.fc1(x[:, p:, :])
-        h = h.view(batch, num_frames, side, side, ca).permute(0, 4, 1, 2, 3).contiguous()
+        # (patches, 1) for the official (H, W): the (kt, 1, 1) kernel never mixes patches.
+        h = h.view(batch, num_frames, patches, 1, ca).permute(0, 4, 1, 2, 3).contiguous()
         h = self.conv(h)
-        h = h.permute(0, 2, 3, 4, 1).contiguous().view(bt, tokens - p, ca)
+        h = h.permute(0, 2, 3, 4, 1).contiguous().view(bt, patches, ca)
         x_id[:, p:, :] += self.fc2(h)
         return x_id
 

@@ -8,32 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from backbone_zoo import OfficialAdapter
 from parity import rel_error
 from stadapter import STAdapter
-
-
-class OfficialAdapter(nn.Module):
-    """The official ST-Adapter's data flow: fc1, permute to channels-first, depthwise Conv3d
-    (kt, 1, 1), permute back, fc2, added to the patch tokens. Batch-first (B*T, L, C) input."""
-
-    def __init__(self, dim, bottleneck, kernel_t, prefix):
-        super().__init__()
-        self.prefix = prefix
-        self.fc1 = nn.Linear(dim, bottleneck)
-        self.conv = nn.Conv3d(bottleneck, bottleneck, (kernel_t, 1, 1), padding=(kernel_t // 2, 0, 0),
-                              groups=bottleneck)
-        self.fc2 = nn.Linear(bottleneck, dim)
-
-    def forward(self, x, num_frames):
-        bt, tokens, _ = x.shape
-        batch, patches, bottleneck = bt // num_frames, tokens - self.prefix, self.conv.in_channels
-        x_id = x.clone()
-        y = self.fc1(x[:, self.prefix:, :])
-        y = y.view(batch, num_frames, patches, 1, bottleneck).permute(0, 4, 1, 2, 3).contiguous()
-        y = self.conv(y)
-        y = y.permute(0, 2, 3, 4, 1).contiguous().view(bt, patches, bottleneck)
-        x_id[:, self.prefix:, :] += self.fc2(y)
-        return x_id
 
 
 def to_layout(x_nlc, layout, num_frames):

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, find_backbone
-from .checkpoint import (AdapterFileError, build_timm_clip_vit, official_adapter_key, read_untrusted_weights,
-                         split_official_checkpoint)
+from .checkpoint import (AdapterFileError, build_timm_clip_vit, check_fits, official_adapter_key,
+                         read_untrusted_weights, split_official_checkpoint)
 from .inject import CHILD_NAMES, adapted_blocks, add_st_adapters, adapter_config, set_num_frames
 
 
@@ -139,14 +139,14 @@ class VideoViT(nn.Module):
             dict(clip_weights)
         config, adapters, head = split_official_checkpoint(state, name)
         backbone = build_timm_clip_vit(clip_state)
-        width = backbone.embed_dim
-        if adapters[config.layers[0], config.positions[0], "fc1.weight"].shape[1] != width:
-            raise AdapterFileError(f"{name}: adapters are for width "
-                                   f"{adapters[config.layers[0], config.positions[0], 'fc1.weight'].shape[1]}, "
-                                   f"the CLIP weights have width {width}")
-        if max(config.layers) >= backbone_depth(backbone):
+        adapter_width = adapters[config.layers[0], config.positions[0], "fc1.weight"].shape[1]
+        if adapter_width != backbone.embed_dim:
+            raise AdapterFileError(f"{name}: adapters are for width {adapter_width}, the CLIP weights have width "
+                                   f"{backbone.embed_dim}")
+        depth = len(backbone.blocks)
+        if max(config.layers) >= depth:
             raise AdapterFileError(f"{name}: adapters reach block {max(config.layers)}, the CLIP ViT has "
-                                   f"{backbone_depth(backbone)} blocks")
+                                   f"{depth} blocks")
         model = cls(backbone, num_classes=head["weight"].shape[0], num_frames=num_frames, dropout=dropout,
                     positions=config.positions, layers=list(config.layers), bottleneck=config.bottleneck,
                     kernel_t=config.kernel_t, activation=config.activation, **adapter_options)
@@ -168,17 +168,11 @@ class VideoViT(nn.Module):
 
     def load_official_state_dict(self, state: dict[str, torch.Tensor], name: str = "state dict") -> None:
         """Load official-format adapter and head tensors; checks every key and shape before copying."""
-        from .checkpoint import check_fits
-
         targets = self._official_targets()
         check_fits(name, state, targets)
         with torch.no_grad():
             for key, target in targets.items():
                 target.copy_(state[key])
-
-
-def backbone_depth(backbone: nn.Module) -> int:
-    return len(find_backbone(backbone).blocks)
 
 
 def _unwrap(checkpoint) -> dict[str, torch.Tensor]:

@@ -10,7 +10,10 @@ imports, and `unavailable_reason` says why the backend cannot serve, which `expl
 
 from __future__ import annotations
 
+import os
 import platform
+import threading
+import time
 
 import torch
 
@@ -47,10 +50,74 @@ def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
     return check is not None and check()
 
 
-#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN with the
-#: CPU's bf16/fp16 instructions: avx512_bf16, AMX, avx512_fp16), False = widened to float32 (MKL).
-#: The default is what this CPU runs natively; tests force each path.
-native_gemm = {dtype: cpu_has_native_gemm(dtype) for dtype in (torch.bfloat16, torch.float16)}
+#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN or brgemm
+#: with the CPU's bf16/fp16 instructions: AMX, avx512_bf16, avx512_fp16), False = widened to float32
+#: (MKL). Filled on first use by `uses_native_gemm`; tests force each path by setting an entry.
+native_gemm: dict[torch.dtype, bool] = {}
+_native_gemm_lock = threading.Lock()
+
+#: Environment override of the measured choice: 1 = native 16-bit GEMMs, 0 = widened to float32.
+NATIVE_GEMM_ENV = "STADAPTER_CPP_NATIVE_GEMM"
+#: One frame's down-projection of a ViT-B/16 tile (196 patches, C = 768, Ca = 384): the GEMM the
+#: choice between native and widened GEMMs is timed on, and timings per call of each, once measured.
+CALIBRATION_SHAPE = (196, 768, 384)
+calibration_seconds: dict[torch.dtype, tuple[float, float]] = {}
+#: How much faster the float32 GEMM must be to widen: native 16-bit operands also halve the bytes
+#: the kernel reads, and a clear margin keeps the choice (and so the rounding) the same from one
+#: process to the next on CPUs where the two are close.
+WIDEN_SPEEDUP = 1.25
+
+
+def _best_gemm_seconds(dtype: torch.dtype, repeats: int = 8) -> float:
+    """The fastest of `repeats` one-thread torch.mm calls of CALIBRATION_SHAPE in `dtype` (the
+    minimum: what the GEMM costs when nothing else on the machine gets in its way)."""
+    rows, k, n = CALIBRATION_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, k, generator=generator).to(dtype)
+    b = torch.randn(k, n, generator=generator).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel runs each tile's GEMMs on one thread
+    try:
+        torch.mm(a, b)  # oneDNN builds its primitive, MKL its buffers
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _choose_native_gemm(dtype: torch.dtype) -> bool:
+    """Native 16-bit GEMMs where the CPU has them and they are not clearly slower than float32:
+    always with brgemm (AMX: oneDNN kernels without per-call set-up), else by timing one frame's
+    GEMM both ways (widened where float32 is WIDEN_SPEEDUP times faster). The ISA flags do not
+    tell: with avx512_bf16 and no AMX, oneDNN's bf16 GEMM halved the GEMM time on an AMD Zen 4,
+    and took 1.7x MKL's float32 time on an Intel Xeon whose AMX the OS leaves off."""
+    if not cpu_has_native_gemm(dtype):
+        return False
+    forced = os.environ.get(NATIVE_GEMM_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced is not None:
+        raise ValueError(f"{NATIVE_GEMM_ENV}={forced!r}: expected 1 (native 16-bit GEMMs) or 0 (widened to float32)")
+    if brgemm.get(dtype, False) and brgemm_serves(dtype, CALIBRATION_SHAPE[1], CALIBRATION_SHAPE[2]):
+        return True
+    native, widened = _best_gemm_seconds(dtype), _best_gemm_seconds(torch.float32)
+    calibration_seconds[dtype] = (native, widened)
+    return native <= widened * WIDEN_SPEEDUP
+
+
+def uses_native_gemm(dtype: torch.dtype) -> bool:
+    """Whether the cpp backend runs the GEMMs of `dtype` inputs in that dtype (see native_gemm)."""
+    if dtype == torch.float32:
+        return False
+    with _native_gemm_lock:  # one measurement per dtype, even when threads race to the first call
+        if dtype not in native_gemm:
+            native_gemm[dtype] = _choose_native_gemm(dtype)
+        return native_gemm[dtype]
+
 
 #: Whether the tile GEMMs with a weight operand (down- and up-projection, the backward's da and dx)
 #: run through ATen's brgemm micro-kernels (at::native::cpublas::brgemm) where this CPU serves
@@ -64,7 +131,7 @@ brgemm = {torch.float32: False, torch.bfloat16: True, torch.float16: True}
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the GEMMs of a call in `dtype` take their operands in."""
-    return dtype if native_gemm.get(dtype, False) else torch.float32
+    return dtype if uses_native_gemm(dtype) else torch.float32
 
 
 def brgemm_serves(gemm_dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
@@ -115,12 +182,17 @@ def describe(spec: AdapterSpec) -> str | None:
     if spec.dtype == torch.float32:
         return None if path == "MKL float32" else f"float32 GEMMs through {path}"
     name = str(spec.dtype).removeprefix("torch.")
-    if not native_gemm[spec.dtype]:
+    measured = calibration_seconds.get(spec.dtype)
+    timing = (f"one frame's GEMM measured {measured[0] * 1e6:.0f} us in {name}, {measured[1] * 1e6:.0f} us in "
+              f"float32" if measured else None)
+    if not uses_native_gemm(spec.dtype):
         note = f"{name} GEMMs widened to float32 ({path})"
         if not cpu_has_native_gemm(spec.dtype):
             note += f": this CPU has no native {name} matrix instructions for oneDNN"
+        elif timing:
+            note += f": {timing}"
         return note
-    note = f"{name} GEMMs native ({path})"
+    note = f"{name} GEMMs native ({path})" + (f": {timing}" if timing else "")
     if spec.activation == "relu" and path == "oneDNN":  # the rule lives in csrc/st_adapter_cpu.cpp: st_adapter_backward_cpu
         note += "; the backward recomputes the bottleneck with a float32 GEMM, as relu' jumps at 0"
     return note
@@ -128,7 +200,7 @@ def describe(spec: AdapterSpec) -> str | None:
 
 def _gemm_flags(x: torch.Tensor, params: AdapterTensors) -> tuple[bool, bool]:
     """(native_gemm, brgemm) for this call."""
-    return (native_gemm.get(x.dtype, False),
+    return (uses_native_gemm(x.dtype),
             _uses_brgemm(x.dtype, x.shape[-1], params.fc1_weight.shape[0]))
 
 

@@ -72,3 +72,76 @@ def test_the_kernel_refuses_a_brgemm_path_this_cpu_lacks():
     with pytest.raises(RuntimeError, match="brgemm cannot serve"):
         torch.ops.stadapter_cpp.st_adapter_forward(torch.empty_like(x), x, *params, case.prefix, case.activation,
                                                    case.scale, 0, True, True)
+
+
+def _measured_choice(monkeypatch, seconds: dict, *, native_hardware=True, amx=False):
+    """uses_native_gemm(bfloat16) from a fresh start, with the GEMM timings and CPU faked."""
+    def best_gemm_seconds(dtype, repeats=8):
+        if dtype not in seconds:
+            raise AssertionError(f"timed {dtype}, which this choice should not need")
+        return seconds[dtype]
+
+    monkeypatch.setattr(fused_cpp, "native_gemm", {})
+    monkeypatch.setattr(fused_cpp, "calibration_seconds", {})
+    monkeypatch.setattr(fused_cpp, "_best_gemm_seconds", best_gemm_seconds)
+    monkeypatch.setattr(fused_cpp, "cpu_has_native_gemm", lambda dtype: native_hardware)
+    monkeypatch.setattr(fused_cpp, "brgemm_serves", lambda dtype, channels, bottleneck: amx and dtype != torch.float32)
+    return fused_cpp.uses_native_gemm(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bf16_us, fp32_us, native", [
+    (1574, 911, False),  # Intel Xeon, avx512_bf16, AMX off: oneDNN bf16 1.7x slower than MKL float32
+    (500, 1000, True),   # AMD Zen 4: bf16 twice as fast
+    (979, 900, True),    # within the margin: native (fewer bytes, and a choice that does not flip)
+    (1120, 900, True),
+    (1130, 900, False),  # float32 just over WIDEN_SPEEDUP (1.25) times faster
+])
+def test_native_16_bit_gemms_unless_float32_is_clearly_faster(bf16_us, fp32_us, native, monkeypatch):
+    monkeypatch.delenv(fused_cpp.NATIVE_GEMM_ENV, raising=False)
+    seconds = {torch.bfloat16: bf16_us * 1e-6, torch.float32: fp32_us * 1e-6}
+    assert _measured_choice(monkeypatch, seconds) is native
+    assert fused_cpp.calibration_seconds[torch.bfloat16] == (seconds[torch.bfloat16], seconds[torch.float32])
+    case = Case(dtype=torch.bfloat16)
+    notes = call(sk.explain, make_inputs(case, seed=0), case, backend="cpp").notes
+    assert any(("native" if native else "widened to float32") in note and f"{bf16_us:.0f} us in bfloat16" in note
+               for note in notes), notes
+
+
+def test_the_choice_is_measured_once_per_dtype(monkeypatch):
+    monkeypatch.delenv(fused_cpp.NATIVE_GEMM_ENV, raising=False)
+    assert _measured_choice(monkeypatch, {torch.bfloat16: 2e-3, torch.float32: 1e-3}) is False
+    monkeypatch.setattr(fused_cpp, "_best_gemm_seconds", lambda dtype, repeats=8: pytest.fail("timed twice"))
+    assert fused_cpp.uses_native_gemm(torch.bfloat16) is False
+    assert fused_cpp.uses_native_gemm(torch.float32) is False  # float32 has one way
+
+
+def test_no_timing_where_the_cpu_decides(monkeypatch):
+    monkeypatch.delenv(fused_cpp.NATIVE_GEMM_ENV, raising=False)
+    assert _measured_choice(monkeypatch, {}, native_hardware=False) is False  # AVX2: oneDNN bf16 is a fallback
+    assert _measured_choice(monkeypatch, {}, amx=True) is True  # brgemm on AMX
+    assert not fused_cpp.calibration_seconds
+
+
+@pytest.mark.parametrize("value, native", [("0", False), ("1", True)])
+def test_environment_overrides_the_measurement(value, native, monkeypatch):
+    monkeypatch.setenv(fused_cpp.NATIVE_GEMM_ENV, value)
+    assert _measured_choice(monkeypatch, {}) is native
+
+
+def test_environment_value_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv(fused_cpp.NATIVE_GEMM_ENV, "yes")
+    with pytest.raises(ValueError, match=fused_cpp.NATIVE_GEMM_ENV + ".*'yes'"):
+        _measured_choice(monkeypatch, {})
+
+
+def test_this_cpus_choice_is_a_real_measurement(monkeypatch):
+    # Unfaked: the choice on this machine, measured (or decided by the CPU), and kept.
+    monkeypatch.delenv(fused_cpp.NATIVE_GEMM_ENV, raising=False)
+    monkeypatch.setattr(fused_cpp, "native_gemm", {})
+    monkeypatch.setattr(fused_cpp, "calibration_seconds", {})
+    choice = fused_cpp.uses_native_gemm(torch.bfloat16)
+    assert fused_cpp.native_gemm == {torch.bfloat16: choice}
+    if torch.bfloat16 in fused_cpp.calibration_seconds:
+        native, widened = fused_cpp.calibration_seconds[torch.bfloat16]
+        assert 0 < native < 1 and 0 < widened < 1
+        assert choice == (native <= widened * fused_cpp.WIDEN_SPEEDUP)

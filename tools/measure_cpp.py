@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python tools/measure_cpp.py [--dtypes fp32,bf16] [--bottlenecks 384,128]
         [--rounds 9] [--tile-sweep 49,66,98,196] [--batch 2] [--tokens 197] [--threads N]
-        [--gemm-paths] [--no-call-cost]
+        [--gemm-paths] [--no-call-cost] [--context] [--in-model]
 
 Each ratio is printed with issue 4's target for it (met / NOT met). Every result names the CPU
 (model, and which of avx2 / avx512f / avx512_bf16 / avx512_fp16 / amx_bf16 it has) and the GEMM
@@ -12,7 +12,9 @@ MKL float32). First, per GEMM dtype, the per-call cost of torch.mm on one thread
 `--gemm-paths` also times the cpp backend on every GEMM path this CPU has (forced, as the tests
 force them). `--context` times one clip's cpp forward (the model modes' adapter call) right after
 itself, after a ViT-B MLP's two MKL GEMMs (the backbone's thread pool busy just before), and after
-touching 64 MiB (caches evicted): the in-model slowdown question of issue 15.
+touching 64 MiB (caches evicted); `--in-model` times the benchmark's 12-block model per provider
+(fused, official, floor) part by part, with page faults, and the fused adapters alone on the inputs
+they had there: the in-model slowdown question of issue 15.
 
 ViT-B/16 adapter shapes (issue 4): B=2 videos x T=8 frames of L=197 tokens (prefix 1), C=768,
 kt=3; --batch and --tokens change B and L (e.g. --batch 1 --tokens 50: one tile per frame).
@@ -41,6 +43,7 @@ import argparse
 import contextlib
 import functools
 import platform
+import resource
 import statistics
 import time
 
@@ -139,6 +142,72 @@ def context_medians(dtype, bottleneck, rounds):
     return interleaved_medians({"after itself": after(adapter),
                                 "after MLP GEMMs": after(lambda: torch.mm(torch.mm(hidden, w_in), w_out)),
                                 "after 64 MiB flush": after(lambda: flush.add_(1))}, rounds)
+
+
+def in_model_medians(dtype, rounds, depth=12):
+    """Inference of the benchmark's whole model (benchmarks.model: `depth` ViT-B/16 blocks with a
+    pre-MLP adapter each, 1 clip x 8 frames) per provider, interleaved in one process: the whole
+    pass, each part of the blocks summed over the blocks, the minor page faults of a pass, and the
+    adapters replayed alone on the inputs they had in the model (what the adapter costs out of
+    the model's context). Medians over rounds, in seconds (faults: a count)."""
+    from benchmarks import config
+    from benchmarks.model import build_model
+    from stadapter.inject import CHILD_NAMES, adapted_blocks
+
+    clips = torch.randn(1, 3, FRAMES, 224, 224, generator=torch.Generator().manual_seed(3)).to(dtype)
+    spent, captured, models = {}, {}, {}
+
+    def timed_part(module, part, index):
+        forward = module.forward
+
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            result = forward(*args, **kwargs)
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
+            if part == "adapter":
+                captured[index] = (forward, args)
+            return result
+
+        module.forward = run
+
+    for provider in ("fused", "official", "floor"):
+        model = build_model(provider, config.ModelConfig(depth=depth, clips=1), dtype, "cpu", []).eval()
+        for index, block in adapted_blocks(model):
+            for part, module in (("attention", block.attn), ("adapter", getattr(block, CHILD_NAMES["pre_mlp"])),
+                                 ("mlp", block.mlp)):
+                timed_part(module, part, index)
+        models[provider] = model
+
+    def run_model(provider):
+        def run():
+            spent.clear()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            models[provider](clips)
+            spent["model"] = time.perf_counter() - start
+            spent["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            return dict(spent)
+        return run
+
+    samples = {provider: [] for provider in models}
+    with torch.no_grad():
+        for provider in models:
+            run_model(provider)()  # warm-up
+        names = list(models)
+        for r in range(rounds):
+            for provider in names[r % len(names):] + names[:r % len(names)]:
+                samples[provider].append(run_model(provider)())
+        run_model("fused")()  # the fused adapters' inputs, captured
+        alone = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for forward, args in captured.values():
+                forward(*args)
+            alone.append(time.perf_counter() - start)
+    medians = {provider: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+               for provider, runs in samples.items()}
+    medians["fused"]["adapters alone"] = statistics.median(alone)
+    return medians
 
 
 def verdict(value, target, at_most=False):
@@ -276,6 +345,9 @@ def main():
     parser.add_argument("--gemm-paths", action="store_true",
                         help="also time the cpp backend on every GEMM path this CPU has")
     parser.add_argument("--no-call-cost", action="store_true", help="skip the per-call torch.mm cost")
+    parser.add_argument("--in-model", action="store_true",
+                        help="also time the benchmark's 12-block model per provider, part by part, and its "
+                             "adapters alone on their in-model inputs")
     parser.add_argument("--context", action="store_true",
                         help="also time one clip's cpp forward after itself, after MKL GEMMs, after a cache flush")
     args = parser.parse_args()
@@ -287,6 +359,19 @@ def main():
           f"medians of {args.rounds} interleaved rounds")
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
+        if args.in_model:
+            m = in_model_medians(dtype, args.rounds)
+            print(f"\n[{cpu_description()}] {dtype_name} whole model, inference, 12 blocks, 1 clip x {FRAMES} frames, "
+                  f"Ca 384 (ms, medians of {args.rounds} interleaved rounds):")
+            for provider, parts in m.items():
+                rest = parts["model"] - parts["attention"] - parts["adapter"] - parts["mlp"]
+                print(f"  {provider:8s} model {parts['model'] * 1e3:7.1f} = attention {parts['attention'] * 1e3:6.1f} + "
+                      f"adapters {parts['adapter'] * 1e3:6.1f} + mlp {parts['mlp'] * 1e3:6.1f} + rest {rest * 1e3:5.1f}; "
+                      f"{parts['faults']:.0f} page faults")
+            added = {p: (m[p]["model"] - m["floor"]["model"]) * 1e3 for p in ("fused", "official")}
+            print(f"  over the backbone alone: fused +{added['fused']:.1f} ms ({added['fused'] / 12:.1f} per adapter), "
+                  f"official +{added['official']:.1f} ms; the fused adapters take {m['fused']['adapter'] * 1e3:.1f} ms "
+                  f"in the model, {m['fused']['adapters alone'] * 1e3:.1f} ms alone on the same inputs")
         # On a CPU without native 16-bit GEMMs, torch.mm in that dtype is a slow fallback: no floor.
         native_floor = dtype == torch.float32 or fused_cpp.cpu_has_native_gemm(dtype)
         for bottleneck in map(int, args.bottlenecks.split(",")):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 import time
 
 import torch
@@ -50,11 +49,31 @@ def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
     return check is not None and check()
 
 
-#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN or brgemm
-#: with the CPU's bf16/fp16 instructions: AMX, avx512_bf16, avx512_fp16), False = widened to float32
-#: (MKL). Filled on first use by `uses_native_gemm`; tests force each path by setting an entry.
-native_gemm: dict[torch.dtype, bool] = {}
-_native_gemm_lock = threading.Lock()
+#: Whether the tile GEMMs with a weight operand (down- and up-projection, the backward's da and dx)
+#: run through ATen's brgemm micro-kernels (at::native::cpublas::brgemm) where this CPU serves
+#: them, per dtype of the GEMM operands: float32 for float32 calls and for 16-bit calls widened to
+#: float32, the 16-bit dtype for native calls. Elsewhere, or False: the library GEMM (MKL float32,
+#: oneDNN). 16-bit brgemm serves on AMX, where it skips oneDNN's per-call set-up (~60 us a GEMM,
+#: paid per frame of every tile). Float32's None: by width, see FLOAT32_BRGEMM_MAX_BOTTLENECK.
+#: Tests force each path this CPU has.
+brgemm: dict[torch.dtype, bool | None] = {torch.float32: None, torch.bfloat16: True, torch.float16: True}
+
+#: Float32 brgemm by default only for bottlenecks this narrow, on AVX-512 CPUs. Measured against
+#: MKL on one frame's GEMMs (tools/measure_cpp.py --gemm-paths, fp32 forward / forward+backward):
+#: Intel Xeon (AVX-512) 0.79 / 0.89 at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384;
+#: AMD EPYC (AVX2) 4-44% slower, hence never there.
+FLOAT32_BRGEMM_MAX_BOTTLENECK = 128
+#: torch's CPU capability (AVX512, AVX2, ...), read once: `explain` runs inside torch.compile traces.
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
+@torch.compiler.assume_constant_result  # a fact about this CPU: `explain` asks it inside torch.compile traces
+def brgemm_serves(gemm_dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
+    """Whether brgemm computes GEMMs of `gemm_dtype` operands at these widths on this CPU with its own
+    micro-kernels: float32 from AVX2 on; bfloat16/float16 where ATen packs weights for it (AMX,
+    AMX-FP16), channels and bottleneck multiples of 16."""
+    return _BUILD_ERROR is None and torch.ops.stadapter_cpp.brgemm_serves(gemm_dtype, channels, bottleneck)
+
 
 #: Environment override of the measured choice: 1 = native 16-bit GEMMs, 0 = widened to float32.
 NATIVE_GEMM_ENV = "STADAPTER_CPP_NATIVE_GEMM"
@@ -109,41 +128,24 @@ def _choose_native_gemm(dtype: torch.dtype) -> bool:
     return native <= widened * WIDEN_SPEEDUP
 
 
-def uses_native_gemm(dtype: torch.dtype) -> bool:
-    """Whether the cpp backend runs the GEMMs of `dtype` inputs in that dtype (see native_gemm)."""
-    if dtype == torch.float32:
-        return False
-    with _native_gemm_lock:  # one measurement per dtype, even when threads race to the first call
-        if dtype not in native_gemm:
-            native_gemm[dtype] = _choose_native_gemm(dtype)
-        return native_gemm[dtype]
-
-
-#: Whether the tile GEMMs with a weight operand (down- and up-projection, the backward's da and dx)
-#: run through ATen's brgemm micro-kernels (at::native::cpublas::brgemm) where this CPU serves
-#: them, per dtype of the GEMM operands: float32 for float32 calls and for 16-bit calls widened to
-#: float32, the 16-bit dtype for native calls. Elsewhere, or False: the library GEMM (MKL float32,
-#: oneDNN). 16-bit brgemm serves on AMX, where it skips oneDNN's per-call set-up (~60 us a GEMM,
-#: paid per frame of every tile); float32 brgemm (AVX2 on) measured 4-44% slower than MKL on one
-#: frame's GEMMs on AMD EPYC (AVX2), hence off. Tests force each path this CPU has.
-brgemm = {torch.float32: False, torch.bfloat16: True, torch.float16: True}
+#: How the GEMMs of bfloat16/float16 inputs run, per dtype: True = in that dtype (oneDNN or brgemm
+#: with the CPU's bf16/fp16 instructions: AMX, avx512_bf16, avx512_fp16), False = widened to float32
+#: (MKL). Chosen when this module is imported, not at a first call, which may be inside a
+#: torch.compile trace, where nothing can be timed. Tests force each path by setting an entry.
+native_gemm = {dtype: _BUILD_ERROR is None and _choose_native_gemm(dtype) for dtype in (torch.bfloat16, torch.float16)}
 
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the GEMMs of a call in `dtype` take their operands in."""
-    return dtype if uses_native_gemm(dtype) else torch.float32
-
-
-def brgemm_serves(gemm_dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
-    """Whether brgemm computes GEMMs of `gemm_dtype` operands at these widths on this CPU with its own
-    micro-kernels: float32 from AVX2 on; bfloat16/float16 where ATen packs weights for it (AMX,
-    AMX-FP16), channels and bottleneck multiples of 16."""
-    return _BUILD_ERROR is None and torch.ops.stadapter_cpp.brgemm_serves(gemm_dtype, channels, bottleneck)
+    return dtype if native_gemm.get(dtype, False) else torch.float32
 
 
 def _uses_brgemm(dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
     gemm_dtype = _gemm_dtype(dtype)
-    return brgemm[gemm_dtype] and brgemm_serves(gemm_dtype, channels, bottleneck)
+    wanted = brgemm[gemm_dtype]
+    if wanted is None:
+        wanted = bottleneck <= FLOAT32_BRGEMM_MAX_BOTTLENECK and _CPU_CAPABILITY.startswith("AVX512")
+    return wanted and brgemm_serves(gemm_dtype, channels, bottleneck)
 
 
 def gemm_path(dtype: torch.dtype, channels: int, bottleneck: int) -> str:
@@ -152,7 +154,7 @@ def gemm_path(dtype: torch.dtype, channels: int, bottleneck: int) -> str:
     if _uses_brgemm(dtype, channels, bottleneck):
         if gemm_dtype != torch.float32:
             return "brgemm/AMX"
-        return "brgemm/AVX-512" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "brgemm/AVX2"
+        return "brgemm/AVX-512" if _CPU_CAPABILITY.startswith("AVX512") else "brgemm/AVX2"
     return "MKL float32" if gemm_dtype == torch.float32 else "oneDNN"
 
 
@@ -185,7 +187,7 @@ def describe(spec: AdapterSpec) -> str | None:
     measured = calibration_seconds.get(spec.dtype)
     timing = (f"one frame's GEMM measured {measured[0] * 1e6:.0f} us in {name}, {measured[1] * 1e6:.0f} us in "
               f"float32" if measured else None)
-    if not uses_native_gemm(spec.dtype):
+    if not native_gemm[spec.dtype]:
         note = f"{name} GEMMs widened to float32 ({path})"
         if not cpu_has_native_gemm(spec.dtype):
             note += f": this CPU has no native {name} matrix instructions for oneDNN"
@@ -200,7 +202,7 @@ def describe(spec: AdapterSpec) -> str | None:
 
 def _gemm_flags(x: torch.Tensor, params: AdapterTensors) -> tuple[bool, bool]:
     """(native_gemm, brgemm) for this call."""
-    return (uses_native_gemm(x.dtype),
+    return (native_gemm.get(x.dtype, False),
             _uses_brgemm(x.dtype, x.shape[-1], params.fc1_weight.shape[0]))
 
 

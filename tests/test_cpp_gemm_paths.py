@@ -6,6 +6,8 @@ so every parity and determinism test runs on every GEMM path this machine has: M
 brgemm float32 (AVX2 and later), oneDNN 16-bit and brgemm 16-bit (AMX) where present.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -75,18 +77,19 @@ def test_the_kernel_refuses_a_brgemm_path_this_cpu_lacks():
 
 
 def _measured_choice(monkeypatch, seconds: dict, *, native_hardware=True, amx=False):
-    """uses_native_gemm(bfloat16) from a fresh start, with the GEMM timings and CPU faked."""
+    """The bfloat16 choice, made afresh with the GEMM timings and the CPU faked."""
     def best_gemm_seconds(dtype, repeats=8):
         if dtype not in seconds:
             raise AssertionError(f"timed {dtype}, which this choice should not need")
         return seconds[dtype]
 
-    monkeypatch.setattr(fused_cpp, "native_gemm", {})
     monkeypatch.setattr(fused_cpp, "calibration_seconds", {})
     monkeypatch.setattr(fused_cpp, "_best_gemm_seconds", best_gemm_seconds)
     monkeypatch.setattr(fused_cpp, "cpu_has_native_gemm", lambda dtype: native_hardware)
     monkeypatch.setattr(fused_cpp, "brgemm_serves", lambda dtype, channels, bottleneck: amx and dtype != torch.float32)
-    return fused_cpp.uses_native_gemm(torch.bfloat16)
+    choice = fused_cpp._choose_native_gemm(torch.bfloat16)
+    monkeypatch.setitem(fused_cpp.native_gemm, torch.bfloat16, choice)
+    return choice
 
 
 @pytest.mark.parametrize("bf16_us, fp32_us, native", [
@@ -105,14 +108,6 @@ def test_native_16_bit_gemms_unless_float32_is_clearly_faster(bf16_us, fp32_us, 
     notes = call(sk.explain, make_inputs(case, seed=0), case, backend="cpp").notes
     assert any(("native" if native else "widened to float32") in note and f"{bf16_us:.0f} us in bfloat16" in note
                for note in notes), notes
-
-
-def test_the_choice_is_measured_once_per_dtype(monkeypatch):
-    monkeypatch.delenv(fused_cpp.NATIVE_GEMM_ENV, raising=False)
-    assert _measured_choice(monkeypatch, {torch.bfloat16: 2e-3, torch.float32: 1e-3}) is False
-    monkeypatch.setattr(fused_cpp, "_best_gemm_seconds", lambda dtype, repeats=8: pytest.fail("timed twice"))
-    assert fused_cpp.uses_native_gemm(torch.bfloat16) is False
-    assert fused_cpp.uses_native_gemm(torch.float32) is False  # float32 has one way
 
 
 def test_no_timing_where_the_cpu_decides(monkeypatch):
@@ -134,14 +129,27 @@ def test_environment_value_must_be_0_or_1(monkeypatch):
         _measured_choice(monkeypatch, {})
 
 
-def test_this_cpus_choice_is_a_real_measurement(monkeypatch):
-    # Unfaked: the choice on this machine, measured (or decided by the CPU), and kept.
-    monkeypatch.delenv(fused_cpp.NATIVE_GEMM_ENV, raising=False)
-    monkeypatch.setattr(fused_cpp, "native_gemm", {})
-    monkeypatch.setattr(fused_cpp, "calibration_seconds", {})
-    choice = fused_cpp.uses_native_gemm(torch.bfloat16)
-    assert fused_cpp.native_gemm == {torch.bfloat16: choice}
-    if torch.bfloat16 in fused_cpp.calibration_seconds:
-        native, widened = fused_cpp.calibration_seconds[torch.bfloat16]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_this_cpus_choice_at_import_follows_its_measurement(dtype):
+    # Unfaked: what this machine chose when the module was imported (measured, or decided by the CPU).
+    if os.environ.get(fused_cpp.NATIVE_GEMM_ENV) in ("0", "1"):
+        assert fused_cpp.native_gemm[dtype] == (fused_cpp.cpu_has_native_gemm(dtype)
+                                                and os.environ[fused_cpp.NATIVE_GEMM_ENV] == "1")
+    elif dtype in fused_cpp.calibration_seconds:
+        native, widened = fused_cpp.calibration_seconds[dtype]
         assert 0 < native < 1 and 0 < widened < 1
-        assert choice == (native <= widened * fused_cpp.WIDEN_SPEEDUP)
+        assert fused_cpp.native_gemm[dtype] == (native <= widened * fused_cpp.WIDEN_SPEEDUP)
+    else:
+        assert fused_cpp.native_gemm[dtype] == (fused_cpp.cpu_has_native_gemm(dtype)
+                                                and fused_cpp.brgemm_serves(dtype, 768, 384))
+
+
+@pytest.mark.parametrize("capability, bottleneck, expected", [
+    ("AVX512", 64, "brgemm/AVX-512"), ("AVX512", 128, "brgemm/AVX-512"), ("AVX512", 384, "MKL float32"),
+    ("AVX2", 64, "MKL float32"), ("AVX2", 384, "MKL float32"),
+])
+def test_float32_brgemm_by_default_only_for_narrow_bottlenecks_on_avx512(capability, bottleneck, expected,
+                                                                          monkeypatch):
+    monkeypatch.setitem(fused_cpp.brgemm, torch.float32, None)
+    monkeypatch.setattr(fused_cpp, "_CPU_CAPABILITY", capability)
+    assert fused_cpp.gemm_path(torch.float32, 768, bottleneck) == expected

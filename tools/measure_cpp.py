@@ -28,7 +28,7 @@ are compared:
                    on a CPU without native 16-bit GEMMs (AVX2) the 16-bit torch.mm is a slow
                    fallback, not a lower bound: it is skipped and the fp32 floor is the floor;
                    where it is faster than the 16-bit torch.mm (Intel Xeon without AMX), it is the
-                   floor too, the kernel then widening its GEMMs (fused_cpp.uses_native_gemm)
+                   floor too, the kernel then widening its GEMMs (fused_cpp.native_gemm)
     cpp            st_adapter(backend="cpp"): forward, and forward + autograd backward
     official       benchmarks.providers.OfficialAdapter: fc1, permute to channels-first
                    .contiguous(), depthwise Conv3d (3,1,1) over (T, 14, 14), permute back
@@ -311,7 +311,7 @@ def raw_op(inputs, tile, backward):
     out = torch.empty_like(x)
     options = (PREFIX, "identity", 1.0, tile)
     # The GEMM path st_adapter would take (native or widened bf16/fp16 GEMMs).
-    native = fused_cpp.uses_native_gemm(x.dtype)
+    native = fused_cpp.native_gemm.get(x.dtype, False)
 
     use_brgemm = fused_cpp.gemm_path(x.dtype, CHANNELS, params[0].shape[0]).startswith("brgemm")
 
@@ -423,7 +423,7 @@ def main():
                   + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
             for phase in ("fwd", "fwd+bwd"):
                 # The floor is the faster way to run the GEMMs: where float32 torch.mm beats the 16-bit
-                # one, the kernel may widen (fused_cpp.uses_native_gemm), and float32 is the floor.
+                # one, the kernel may widen (fused_cpp.native_gemm), and float32 is the floor.
                 if native_floor and m.get(f"fp32 floor {phase}", float("inf")) < m[f"floor {phase}"]:
                     m[f"floor {phase}"] = m[f"fp32 floor {phase}"]
                     print(f"  {phase:8s} floor: torch.mm in float32, faster than in {dtype_name} on this CPU")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import stadapter_kernels
-from stadapter_kernels.fused_cpp import cpu_has_native_gemm
+from stadapter_kernels import fused_cpp
 
 from . import config
 
@@ -192,11 +192,14 @@ def _floor_case(shape: Shape, dtype: torch.dtype, device: str, grad: bool) -> Ca
         return torch.mm(dy.T, x)  # dL/dfc1: (Ca x N) @ (N x C)
 
     notes = []
-    if device == "cpu" and dtype != torch.float32 and not cpu_has_native_gemm(dtype):
+    if device == "cpu" and dtype != torch.float32 and not fused_cpp.cpu_has_native_gemm(dtype):
         # CPUs without native bf16/fp16 GEMMs (AVX2 ones) run these torch.mm calls far below
         # their float32 speed, while a fused kernel may widen its tiles to float32.
         notes.append(f"torch.mm in {dtype} on CPU ({torch.backends.cpu.get_cpu_capability()}): "
                      "not a lower bound without native low-precision GEMMs")
+    elif device == "cpu" and dtype != torch.float32 and not fused_cpp.native_gemm[dtype]:
+        notes.append(f"torch.mm in {dtype} measured slower than in float32 on this CPU, where the cpp "
+                     "kernel widens its GEMMs: not a lower bound")
     return Case(run=forward_backward if grad else forward, backend="torch.mm x6" if grad else "torch.mm x2",
                 notes=notes)
 

@@ -14,7 +14,8 @@
 // The GEMMs of bfloat16/float16 inputs run one of two ways, chosen per call (`native_gemm`):
 //  - widened: rows are widened into float32 tile buffers and multiplied by MKL's float32 GEMM.
 //    Fastest on CPUs without native half-precision matrix instructions (AVX2), where ATen's
-//    bf16/fp16 GEMM is a slow fallback.
+//    bf16/fp16 GEMM is a slow fallback, and on some CPUs with them (an Intel Xeon with
+//    avx512_bf16 and AMX off): fused_cpp.py times one frame's GEMM both ways to choose.
 //  - native: the GEMMs take the 16-bit operands as they are (oneDNN, avx512_bf16 / AMX / fp16
 //    instructions) and return 16-bit results, which are widened for the element-wise work. Each
 //    GEMM output is rounded once, as nn.Linear in that dtype rounds it (except relu's backward,

@@ -155,6 +155,21 @@ def temporal_conv(ring_ptr, frame, w_conv_ptr, b_conv_ptr, cols, CA,
 
 
 @triton.jit
+def store_up_projection(up, b_up_ptr, c, c_mask, row_mask, scale, x_ptr, x_offsets, out_ptr, out_offsets,
+                        HAS_B_UP: tl.constexpr, RESIDUAL: tl.constexpr):
+    """out[rows, c] = scale * (up + b_up) (+ x[rows, c] with RESIDUAL), in fp32, rounded once to out's
+    dtype; x_offsets and out_offsets address each row's channel 0."""
+    if HAS_B_UP:
+        up += tl.load(b_up_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mask = row_mask[:, None] & c_mask[None, :]
+    out = scale * up
+    if RESIDUAL:
+        x = tl.load(x_ptr + x_offsets[:, None] + c[None, :], mask=mask, other=0.0)
+        out += x.to(tl.float32)
+    tl.store(out_ptr + out_offsets[:, None] + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def store_next_frame(ring_ptr, x_ptr, x_rows, row_mask, frame, T, x_st, w_down_ptr, b_down_ptr, cond_ptr, batch,
                      C, CA, KT: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_COND: tl.constexpr,
                      BLOCK_P: tl.constexpr, CA_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,

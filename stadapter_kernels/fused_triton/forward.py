@@ -20,7 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (activation_forward, chunk_item, copy_prefix_tile, matmul, store_next_frame, temporal_conv)
+from .common import (activation_forward, chunk_item, copy_prefix_tile, matmul, store_next_frame, store_up_projection,
+                     temporal_conv)
 
 
 @triton.jit
@@ -86,15 +87,8 @@ def st_adapter_forward_kernel(
                         w_up = tl.load(w_up_ptr + c[None, :] * CA + cols[:, None],
                                        mask=c_mask[None, :] & (cols < CA)[:, None], other=0.0)
                         up = matmul(a, w_up, up, DOT_PRECISION)
-                    if HAS_B_UP:
-                        up += tl.load(b_up_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-                    mask = row_mask[:, None] & c_mask[None, :]
-                    out = scale * up
-                    if RESIDUAL:
-                        x = tl.load(x_ptr + (x_rows + frame * x_st)[:, None] + c[None, :], mask=mask, other=0.0)
-                        out += x.to(tl.float32)
-                    tl.store(out_ptr + (out_rows + frame * out_st)[:, None] + c[None, :],
-                             out.to(out_ptr.dtype.element_ty), mask=mask)
+                    store_up_projection(up, b_up_ptr, c, c_mask, row_mask, scale, x_ptr, x_rows + frame * x_st,
+                                        out_ptr, out_rows + frame * out_st, HAS_B_UP, RESIDUAL)
                 # The next frame (or the next item's ring fill) overwrites the ring slot and the
                 # activated tile read above; the barrier after its down-projection orders that
                 # write after these reads, and the ring's last reads precede the barrier above.

@@ -28,7 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (activation_derivative, activation_forward, down_projection, matmul, store_row_group_sums)
+from .common import (activation_derivative, activation_forward, down_projection, matmul, store_row_group_sums,
+                     store_up_projection)
 
 
 @triton.jit
@@ -118,16 +119,8 @@ def up_gemm_kernel(
             w_up = tl.load(w_up_ptr + c[None, :] * CA + cols[:, None], mask=c_mask[None, :] & col_mask[:, None],
                            other=0.0)
             up = matmul(a, w_up, up, DOT_PRECISION)
-        if HAS_B_UP:
-            up += tl.load(b_up_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        mask = row_mask[:, None] & c_mask[None, :]
-        out = scale * up
-        if RESIDUAL:
-            x = tl.load(x_ptr + (batch * x_sb + frame * x_st + token * x_sl)[:, None] + c[None, :], mask=mask,
-                        other=0.0)
-            out += x.to(tl.float32)
-        tl.store(out_ptr + (batch * out_sb + frame * out_st + token * out_sl)[:, None] + c[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        store_up_projection(up, b_up_ptr, c, c_mask, row_mask, scale, x_ptr, batch * x_sb + frame * x_st + token * x_sl,
+                            out_ptr, batch * out_sb + frame * out_st + token * out_sl, HAS_B_UP, RESIDUAL)
 
 
 @triton.jit

@@ -189,21 +189,11 @@ def in_model_medians(dtype, rounds, depth=12):
             return dict(spent)
         return run
 
-    samples = {provider: [] for provider in models}
     with torch.no_grad():
-        for provider in models:
-            run_model(provider)()  # warm-up
-        names = list(models)
-        for r in range(rounds):
-            for provider in names[r % len(names):] + names[:r % len(names)]:
-                samples[provider].append(run_model(provider)())
+        samples = interleaved_samples({provider: run_model(provider) for provider in models}, rounds)
         run_model("fused")()  # the fused adapters' inputs, captured
-        alone = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for forward, args in captured.values():
-                forward(*args)
-            alone.append(time.perf_counter() - start)
+        replay = timed(lambda: [forward(*args) for forward, args in captured.values()])
+        alone = [replay() for _ in range(rounds)]
     medians = {provider: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
                for provider, runs in samples.items()}
     medians["fused"]["adapters alone"] = statistics.median(alone)
@@ -293,15 +283,21 @@ def timed(fn):
     return run
 
 
-def interleaved_medians(candidates: dict, rounds: int) -> dict:
-    for run in candidates.values():  # warm-up: allocator, MKL buffers, lazy init
+def interleaved_samples(candidates: dict, rounds: int) -> dict:
+    """Each candidate's results over `rounds` rounds, every candidate once per round in a rotating
+    order, after one untimed call each (allocator, MKL buffers, lazy init)."""
+    for run in candidates.values():
         run()
     samples = {name: [] for name in candidates}
     names = list(candidates)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name].append(candidates[name]())
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def interleaved_medians(candidates: dict, rounds: int) -> dict:
+    return {name: statistics.median(s) for name, s in interleaved_samples(candidates, rounds).items()}
 
 
 def raw_op(inputs, tile, backward):

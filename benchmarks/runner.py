@@ -20,6 +20,7 @@ import time
 import torch
 
 from . import config, measure, report
+from .host import cpu_info
 from .model import model_case, model_shape
 from .providers import Shape, Unavailable, micro_case
 from .roofline import roofline
@@ -89,12 +90,7 @@ def _device(requested: str) -> str:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_info().name} ({torch.get_num_threads()} threads)"
 
 
 def _git_commit() -> str | None:

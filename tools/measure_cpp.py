@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import platform
 import resource
 import statistics
 import time
@@ -52,6 +51,7 @@ from torch.func import functional_call
 
 import stadapter_kernels as sk
 from stadapter_kernels import fused_cpp
+from benchmarks.host import cpu_info
 from benchmarks.providers import OfficialAdapter
 
 BATCH, FRAMES, TOKENS, PREFIX, CHANNELS, KERNEL_T = 2, 8, 197, 1, 768, 3
@@ -66,20 +66,12 @@ SPEEDUP_TARGETS = {("bf16", "fwd"): 1.4, ("bf16", "fwd+bwd"): 2.2, ("fp32", "fwd
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
 
 
-@functools.lru_cache
 def cpu_description() -> str:
-    """The CPU model and which of ISA_FLAGS it has (Linux /proc/cpuinfo), torch's CPU capability."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    have = [f for f in ISA_FLAGS if f in flags]
-    lacks = [f for f in ISA_FLAGS if f not in flags]
-    return (f"{model}; has {' '.join(have) or 'none of ' + ' '.join(ISA_FLAGS)}"
+    """The CPU (model name, family and model numbers), which of ISA_FLAGS it has, torch's CPU capability."""
+    cpu = cpu_info()
+    have = [f for f in ISA_FLAGS if f in cpu.flags]
+    lacks = [f for f in ISA_FLAGS if f not in cpu.flags]
+    return (f"{cpu.name}; has {' '.join(have) or 'none of ' + ' '.join(ISA_FLAGS)}"
             + (f"; no {' '.join(lacks)}" if lacks else "") + f"; torch {torch.backends.cpu.get_cpu_capability()}")
 
 

@@ -60,8 +60,9 @@ brgemm: dict[torch.dtype, bool | None] = {torch.float32: None, torch.bfloat16: T
 
 #: Float32 brgemm by default only for bottlenecks this narrow, on AVX-512 CPUs. Measured against
 #: MKL on one frame's GEMMs (tools/measure_cpp.py --gemm-paths, fp32 forward / forward+backward):
-#: Intel Xeon (AVX-512) 0.79 / 0.89 at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384;
-#: AMD EPYC (AVX2) 4-44% slower, hence never there.
+#: Intel Xeon (AVX-512) 0.79 / 0.89 at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384.
+#: AVX2 CPUs disagree, hence never there: AMD Zen 3 (family 25 model 1) 4-44% slower; Zen 1 (family 23
+#: model 1) 0.88 / 0.92 at Ca = 64, 0.98 / 0.99 at Ca = 128, 1.03 / 1.01 at Ca = 192, 1.06 / 1.06 at 384.
 FLOAT32_BRGEMM_MAX_BOTTLENECK = 128
 #: torch's CPU capability (AVX512, AVX2, ...), read once: `explain` runs inside torch.compile traces.
 _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()

@@ -36,7 +36,7 @@ def parse_cpuinfo(text: str) -> CpuInfo:
                 break  # end of the first processor's entry
             continue
         key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+        fields[key.strip()] = value.strip()
     return CpuInfo(model_name=fields.get("model name") or platform.processor() or platform.machine(),
                    family=fields.get("cpu family"), model=fields.get("model"),
                    flags=frozenset(fields.get("flags", "").split()))
@@ -49,4 +49,4 @@ def cpu_info() -> CpuInfo:
         with open("/proc/cpuinfo") as handle:
             return parse_cpuinfo(handle.read())
     except OSError:
-        return CpuInfo(model_name=platform.processor() or platform.machine())
+        return parse_cpuinfo("")

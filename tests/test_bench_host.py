@@ -37,4 +37,3 @@ def test_without_family_the_model_name_alone():
     # e.g. ARM's /proc/cpuinfo has neither line; the name falls back to what platform reports.
     cpu = parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd\n")
     assert cpu.family is None and cpu.name == cpu.model_name and cpu.name
-

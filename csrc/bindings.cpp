@@ -26,8 +26,9 @@ TORCH_LIBRARY(stadapter_cpp, m) {
       "Tensor conv_weight, Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, "
       "str activation, float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // A question about this CPU, no tensor involved: one kernel for every dispatch key.
+  // Questions about this CPU, no tensor involved: one kernel for every dispatch key.
   m.def("brgemm_serves(ScalarType gemm_dtype, int channels, int bottleneck) -> bool", &stadapter::brgemm_serves);
+  m.def("cpu_vendor() -> str", &stadapter::cpu_vendor);
 }
 
 TORCH_LIBRARY_IMPL(stadapter_cpp, CPU, m) {

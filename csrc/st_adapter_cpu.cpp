@@ -1112,6 +1112,17 @@ bool brgemm_matches_exact_product(at::ScalarType dtype) {
 
 }  // namespace
 
+// The CPU's maker: library GEMMs dispatch on it (MKL's float32 kernels are not its best on AMD),
+// where the ISA flags alone would say two CPUs are alike.
+std::string cpu_vendor() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("amd")) return "AMD";
+  if (__builtin_cpu_is("intel")) return "Intel";
+#endif
+  return "other";
+}
+
 // float32 from AVX2 on (ATen's oneDNN float32 ukernel; the extension itself needs AVX2), 16-bit
 // where cpublas::pack lays weights out for it (AMX), every K and N a whole number of packed
 // columns. Elsewhere cpublas::brgemm would quietly fall back to a library GEMM, or refuse VNNI.

@@ -18,6 +18,9 @@ namespace stadapter {
 // this CPU, for these channel and bottleneck widths.
 bool brgemm_serves(c10::ScalarType gemm_dtype, int64_t channels, int64_t bottleneck);
 
+// "AMD", "Intel" or "other": which maker's CPU this is.
+std::string cpu_vendor();
+
 // Writes the adapter output into `out` (B, T, L, C). `tile_patches` = 0 picks the tiling from
 // the shape; a positive value forces it (benchmarks sweep it). `native_gemm` runs the GEMMs of
 // bfloat16/float16 inputs in that dtype instead of widening them to float32, `brgemm` the GEMMs

@@ -54,18 +54,23 @@ def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
 #: them, per dtype of the GEMM operands: float32 for float32 calls and for 16-bit calls widened to
 #: float32, the 16-bit dtype for native calls. Elsewhere, or False: the library GEMM (MKL float32,
 #: oneDNN). 16-bit brgemm serves on AMX, where it skips oneDNN's per-call set-up (~60 us a GEMM,
-#: paid per frame of every tile). Float32's None: by width, see FLOAT32_BRGEMM_MAX_BOTTLENECK.
+#: paid per frame of every tile). Float32's None: by CPU and width, see FLOAT32_BRGEMM_MAX_BOTTLENECK.
 #: Tests force each path this CPU has.
 brgemm: dict[torch.dtype, bool | None] = {torch.float32: None, torch.bfloat16: True, torch.float16: True}
 
-#: Float32 brgemm by default only for bottlenecks this narrow, on AVX-512 CPUs. Measured against
-#: MKL on one frame's GEMMs (tools/measure_cpp.py --gemm-paths, fp32 forward / forward+backward):
-#: Intel Xeon (AVX-512) 0.79 / 0.89 at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384.
-#: AVX2 CPUs disagree, hence never there: AMD Zen 3 (family 25 model 1) 4-44% slower; Zen 1 (family 23
-#: model 1) 0.88 / 0.92 at Ca = 64, 0.98 / 0.99 at Ca = 128, 1.03 / 1.01 at Ca = 192, 1.06 / 1.06 at 384.
+#: Float32 brgemm by default on AVX-512 CPUs: on Intel's only for bottlenecks this narrow, on AMD's at
+#: every width, where MKL does not run its best float32 kernels. brgemm / MKL time of the cpp backend
+#: (tools/measure_cpp.py --gemm-paths, fp32 forward / forward+backward): Intel Xeon (AVX-512) 0.79 / 0.89
+#: at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384; AMD Zen 4 (family 25 model 17)
+#: 0.78 / 0.92 at Ca = 64, 0.85 / 0.94 at 128, 0.80-0.83 / 0.89-0.93 at 192, 0.83 / 0.88 at 256,
+#: 0.84-0.89 / 0.87-0.88 at 384. AVX2 CPUs disagree, hence never there: AMD Zen 3 (family 25 model 1)
+#: 4-44% slower; Zen 1 (family 23 model 1) 0.88 / 0.92 at Ca = 64, 0.98 / 0.99 at Ca = 128, 1.03 / 1.01
+#: at Ca = 192, 1.06 / 1.06 at 384.
 FLOAT32_BRGEMM_MAX_BOTTLENECK = 128
-#: torch's CPU capability (AVX512, AVX2, ...), read once: `explain` runs inside torch.compile traces.
+#: torch's CPU capability (AVX512, AVX2, ...) and the CPU's maker (AMD, Intel, other), read once:
+#: `explain` runs inside torch.compile traces.
 _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+_CPU_VENDOR = torch.ops.stadapter_cpp.cpu_vendor() if _BUILD_ERROR is None else "other"
 
 
 @torch.compiler.assume_constant_result  # a fact about this CPU: `explain` asks it inside torch.compile traces
@@ -145,7 +150,8 @@ def _uses_brgemm(dtype: torch.dtype, channels: int, bottleneck: int) -> bool:
     gemm_dtype = _gemm_dtype(dtype)
     wanted = brgemm[gemm_dtype]
     if wanted is None:
-        wanted = bottleneck <= FLOAT32_BRGEMM_MAX_BOTTLENECK and _CPU_CAPABILITY.startswith("AVX512")
+        wanted = _CPU_CAPABILITY.startswith("AVX512") and (
+            _CPU_VENDOR == "AMD" or bottleneck <= FLOAT32_BRGEMM_MAX_BOTTLENECK)
     return wanted and brgemm_serves(gemm_dtype, channels, bottleneck)
 
 

@@ -144,12 +144,27 @@ def test_this_cpus_choice_at_import_follows_its_measurement(dtype):
                                                 and fused_cpp.brgemm_serves(dtype, 768, 384))
 
 
-@pytest.mark.parametrize("capability, bottleneck, expected", [
-    ("AVX512", 64, "brgemm/AVX-512"), ("AVX512", 128, "brgemm/AVX-512"), ("AVX512", 384, "MKL float32"),
-    ("AVX2", 64, "MKL float32"), ("AVX2", 384, "MKL float32"),
+@pytest.mark.parametrize("capability, vendor, bottleneck, expected", [
+    ("AVX512", "Intel", 64, "brgemm/AVX-512"), ("AVX512", "Intel", 128, "brgemm/AVX-512"),
+    ("AVX512", "Intel", 384, "MKL float32"), ("AVX512", "other", 384, "MKL float32"),
+    ("AVX512", "AMD", 384, "brgemm/AVX-512"), ("AVX512", "AMD", 1024, "brgemm/AVX-512"),
+    ("AVX2", "Intel", 64, "MKL float32"), ("AVX2", "AMD", 64, "MKL float32"), ("AVX2", "AMD", 384, "MKL float32"),
 ])
-def test_float32_brgemm_by_default_only_for_narrow_bottlenecks_on_avx512(capability, bottleneck, expected,
-                                                                          monkeypatch):
+def test_float32_brgemm_by_default_on_avx512_narrow_bottlenecks_or_amd(capability, vendor, bottleneck, expected,
+                                                                         monkeypatch):
     monkeypatch.setitem(fused_cpp.brgemm, torch.float32, None)
     monkeypatch.setattr(fused_cpp, "_CPU_CAPABILITY", capability)
+    monkeypatch.setattr(fused_cpp, "_CPU_VENDOR", vendor)
     assert fused_cpp.gemm_path(torch.float32, 768, bottleneck) == expected
+
+
+def test_cpu_vendor_is_the_one_proc_cpuinfo_names():
+    vendor = torch.ops.stadapter_cpp.cpu_vendor()
+    assert vendor == fused_cpp._CPU_VENDOR
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            ids = {line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert len(ids) == 1, ids
+    assert vendor == {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(ids.pop(), "other")

@@ -19,6 +19,10 @@ import torch
 from .spec import AdapterOptions, AdapterSpec, AdapterTensors
 
 
+#: The operators csrc/bindings.cpp registers: a _C built from older sources lacks some.
+_EXTENSION_OPS = ("st_adapter_forward", "st_adapter_backward", "brgemm_serves", "cpu_vendor")
+
+
 def _load_extension() -> str | None:
     """Load stadapter_kernels._C; return why it cannot serve, or None."""
     if platform.machine() in ("x86_64", "AMD64") and not torch.cpu._is_avx2_supported():
@@ -29,6 +33,10 @@ def _load_extension() -> str | None:
     except ImportError as error:
         return (f"the C++ extension stadapter_kernels._C is not built ({error}); reinstall without "
                 "STADAPTER_SKIP_CPP_BUILD=1 to compile csrc/")
+    missing = [name for name in _EXTENSION_OPS if not hasattr(torch.ops.stadapter_cpp, name)]
+    if missing:
+        return (f"the C++ extension stadapter_kernels._C was built from older sources (it lacks "
+                f"{', '.join(missing)}); rebuild it: `make extension` or `python setup.py build_ext --inplace`")
     return None
 
 
@@ -62,7 +70,7 @@ brgemm: dict[torch.dtype, bool | None] = {torch.float32: None, torch.bfloat16: T
 #: every width, where MKL does not run its best float32 kernels. brgemm / MKL time of the cpp backend
 #: (tools/measure_cpp.py --gemm-paths, fp32 forward / forward+backward): Intel Xeon (AVX-512) 0.79 / 0.89
 #: at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384; AMD Zen 4 (family 25 model 17)
-#: 0.78 / 0.92 at Ca = 64, 0.85 / 0.94 at 128, 0.80-0.83 / 0.89-0.93 at 192, 0.83 / 0.88 at 256,
+#: 0.78 / 0.92 at Ca = 64, 0.85 / 0.94 at 128, 0.80-0.83 / 0.89-0.93 at 192, 0.83 / 0.88-0.89 at 256,
 #: 0.84-0.89 / 0.87-0.88 at 384. AVX2 CPUs disagree, hence never there: AMD Zen 3 (family 25 model 1)
 #: 4-44% slower; Zen 1 (family 23 model 1) 0.88 / 0.92 at Ca = 64, 0.98 / 0.99 at Ca = 128, 1.03 / 1.01
 #: at Ca = 192, 1.06 / 1.06 at 384.

@@ -158,6 +158,12 @@ def test_float32_brgemm_by_default_on_avx512_narrow_bottlenecks_or_amd(capabilit
     assert fused_cpp.gemm_path(torch.float32, 768, bottleneck) == expected
 
 
+def test_an_extension_built_from_older_sources_is_reported_not_called(monkeypatch):
+    monkeypatch.setattr(fused_cpp, "_EXTENSION_OPS", (*fused_cpp._EXTENSION_OPS, "op_of_a_newer_source"))
+    reason = fused_cpp._load_extension()
+    assert "older sources" in reason and "op_of_a_newer_source" in reason and "build_ext" in reason
+
+
 def test_cpu_vendor_is_the_one_proc_cpuinfo_names():
     vendor = torch.ops.stadapter_cpp.cpu_vendor()
     assert vendor == fused_cpp._CPU_VENDOR
@@ -166,5 +172,5 @@ def test_cpu_vendor_is_the_one_proc_cpuinfo_names():
             ids = {line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")}
     except OSError:
         pytest.skip("no /proc/cpuinfo to compare with")
-    assert len(ids) == 1, ids
-    assert vendor == {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(ids.pop(), "other")
+    assert len(ids) <= 1, ids  # none outside x86 (aarch64's cpuinfo names implementers instead)
+    assert vendor == {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(ids.pop() if ids else "", "other")

@@ -33,7 +33,8 @@
 // the result: written straight into the bottleneck ring, or read by the residual pass, with no
 // 16-bit rounding of y or of the up-projection. 16-bit brgemm needs AMX (cpublas::could_pack);
 // float32 brgemm runs on AVX2 and later. Weight-gradient GEMMs (large K, few calls) stay on the
-// library GEMM. The hardware context (AMX tile configuration) is released before a task returns.
+// library GEMM. The hardware context (AMX tile configuration) is released when a task starts and
+// ends, and before a library GEMM between brgemm calls (see BrgemmScope).
 //
 // Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
 // MKL and OpenMP pinned to one thread, see SequentialBlas), and weight-gradient partials are
@@ -309,11 +310,16 @@ void brgemm_rows(const BrgemmWeight& b, const T* a, int64_t lda, int64_t m, floa
   }
 }
 
-// Releases the calling thread's brgemm hardware context (AMX tile configuration) when it goes.
-class BrgemmRelease {
+// Releases the calling thread's brgemm hardware context (AMX tile configuration) on entry and on
+// exit. cpublas::brgemm loads its tile configuration only when the micro-kernel differs from the
+// one it ran last on this thread, and other code (oneDNN's library GEMMs, another library's
+// brgemm) leaves the tiles in its own state: a release makes the next brgemm load its own. Without
+// it, on a Xeon with AMX, brgemm -> torch.mm (bf16) -> the same brgemm died of SIGILL.
+class BrgemmScope {
  public:
-  explicit BrgemmRelease(bool vnni) : vnni_(vnni) {}
-  ~BrgemmRelease() { at::native::cpublas::brgemm_release(vnni_); }
+  explicit BrgemmScope(bool vnni) : vnni_(vnni) { release(vnni_); }
+  ~BrgemmScope() { release(vnni_); }
+  static void release(bool vnni) { at::native::cpublas::brgemm_release(vnni); }
 
  private:
   bool vnni_;
@@ -563,8 +569,8 @@ c10::SmallVector<T*, 8> ring_blocks(const Shape& s, T* ring, bool ring_is_y, int
 }
 
 // What the backward adds to conv_activation's pass over a frame, while the window is in registers
-// and L1: dz = da_scale * da * act'(z) (brgemm leaves the scale of d_up to this pass), and the conv gradients d_conv[j] += dz * y[t + j - half] and
-// d_conv[kt] += dz (the bias), rows summed in order.
+// and L1: dz = da_scale * da * act'(z) (brgemm leaves the scale of d_up to this pass), and the conv
+// gradients d_conv[j] += dz * y[t + j - half] and d_conv[kt] += dz (the bias), rows summed in order.
 struct ConvBackward {
   const float* da;  // (rows x Ca), times da_scale
   float da_scale;
@@ -804,7 +810,8 @@ void brgemm_token_rows(const Shape& s, const BrgemmWeight& b, const scalar_t* sr
                        float* c, float* wide, scalar_t* narrow) {
   int64_t lda = 0;
   if (s.native_gemm) {
-    brgemm_rows(b, brgemm_operand(src, ld, rows, s.channels, narrow, &lda), lda, rows, c, b.n);
+    const scalar_t* operand = brgemm_operand(src, ld, rows, s.channels, narrow, &lda);  // sets lda first
+    brgemm_rows(b, operand, lda, rows, c, b.n);
     return;
   }
   const float* rows_f32 = widen_rows(src, ld, rows, s.channels, wide, &lda);
@@ -908,8 +915,9 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
 // lhs (k x m) and rhs (k x n), through one rounded product per chunk (`product`, m x n): partial
 // sums over chunks are never rounded.
 template <typename scalar_t>
-void add_weight_grad(float* d_weight, const scalar_t* lhs, int64_t m, const scalar_t* rhs, int64_t n, int64_t k,
-                     float alpha, bool assign, scalar_t* product) {
+void add_weight_grad(const Shape& s, float* d_weight, const scalar_t* lhs, int64_t m, const scalar_t* rhs, int64_t n,
+                     int64_t k, float alpha, bool assign, scalar_t* product) {
+  if (s.brgemm) BrgemmScope::release(/*vnni=*/true);  // oneDNN's GEMM takes the tiles (see BrgemmScope)
   gemm(product, n, block(lhs, k, m, m).t(), block(rhs, k, n, n), alpha, 0.0f);
   accumulate_widened(d_weight, product, m * n, assign);
 }
@@ -977,8 +985,8 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
         conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
         if (s.ends_grad_chunk(t)) {
-          add_weight_grad(d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale, first_fc2,
-                          w.weight_grad);
+          add_weight_grad(s, d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale,
+                          first_fc2, w.weight_grad);
           first_fc2 = false;
         }
       } else {
@@ -1034,8 +1042,8 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       }
       if (p0 == 0) prefix_rows(s, dx, g, b, u);
       if (s.native_gemm && s.ends_grad_chunk(u)) {
-        add_weight_grad(d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f, first_fc1,
-                        w.weight_grad);
+        add_weight_grad(s, d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f,
+                        first_fc1, w.weight_grad);
         first_fc1 = false;
       }
     }
@@ -1101,7 +1109,7 @@ bool brgemm_matches_exact_product(at::ScalarType dtype) {
   const BrgemmWeight weight = make_brgemm_weight(b, dtype);
   at::Tensor c = at::empty({m, n}, wide);
   {
-    const BrgemmRelease release(/*vnni=*/dtype != at::kFloat);
+    const BrgemmScope brgemm_scope(/*vnni=*/dtype != at::kFloat);
     dispatch_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
       brgemm_rows(weight, a.const_data_ptr<T>(), k, m, c.data_ptr<float>(), n);
@@ -1181,7 +1189,7 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
       at::parallel_for(0, s.tiles * runs, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
-        const BrgemmRelease brgemm_release(/*vnni=*/s.brgemm && s.native_gemm);
+        const BrgemmScope brgemm_scope(/*vnni=*/s.brgemm && s.native_gemm);
         Scratch<scalar_t> w(s, /*backward=*/false);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t run = i % runs, t0 = run * s.frames / runs, t1 = (run + 1) * s.frames / runs;
@@ -1231,7 +1239,7 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         at::AutoDispatchBelowADInplaceOrView no_autograd;
         SequentialBlas sequential_blas;
-        const BrgemmRelease brgemm_release(/*vnni=*/s.brgemm && s.native_gemm);
+        const BrgemmScope brgemm_scope(/*vnni=*/s.brgemm && s.native_gemm);
         Scratch<scalar_t> w(s, /*backward=*/true);
         for (int64_t group = begin; group < end; ++group) {
           const int64_t first = group * s.tiles / groups, last = (group + 1) * s.tiles / groups;

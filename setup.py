@@ -29,7 +29,10 @@ def cpp_extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    # The AVX-512 copy of the kernels last: an inline function that both copies emit is linked from
+    # the first object that has it, which must be one compiled for the baseline (see
+    # csrc/st_adapter_cpu_avx512.cpp).
+    sources = sorted(sorted(glob.glob(os.path.join(CSRC, "*.cpp"))), key=lambda path: path.endswith("_avx512.cpp"))
     if not sources:
         return [], {}
     optimisation = ["-O0", "-g"] if DEBUG else ["-O3"]

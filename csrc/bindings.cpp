@@ -20,15 +20,17 @@ TORCH_LIBRARY(stadapter_cpp, m) {
   m.def(
       "st_adapter_forward(Tensor(a!) out, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, str activation, "
-      "float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True) -> ()");
+      "float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True, "
+      "bool avx512=False) -> ()");
   m.def(
       "st_adapter_backward(Tensor(a!) dx, Tensor grad_out, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, "
       "Tensor conv_weight, Tensor? conv_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? cond, int prefix, "
-      "str activation, float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str activation, float scale, int tile_patches=0, bool native_gemm=False, bool brgemm=False, bool residual=True, "
+      "bool avx512=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Questions about this CPU, no tensor involved: one kernel for every dispatch key.
   m.def("brgemm_serves(ScalarType gemm_dtype, int channels, int bottleneck) -> bool", &stadapter::brgemm_serves);
   m.def("cpu_vendor() -> str", &stadapter::cpu_vendor);
+  m.def("avx512_available() -> bool", &stadapter::avx512_available);
 }
 
 TORCH_LIBRARY_IMPL(stadapter_cpp, CPU, m) {

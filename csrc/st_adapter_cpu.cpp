@@ -28,11 +28,11 @@
 // micro-kernels, at::native::cpublas::brgemm (`brgemm`, chosen per call by fused_cpp.py): oneDNN
 // kernels generated once per shape and cached per thread, with none of a library GEMM's per-call
 // set-up, which is what dominates one frame's 196-row GEMMs on AMX. The weight is laid out for
-// them once per call (float32: transposed to K x N; bfloat16/float16: VNNI-packed by cpublas::pack
-// in blocks of kBrgemmBlockN columns, the widest block it packs), and the float32 accumulator is
-// the result: written straight into the bottleneck ring, or read by the residual pass, with no
-// 16-bit rounding of y or of the up-projection. 16-bit brgemm needs AMX (cpublas::could_pack);
-// float32 brgemm runs on AVX2 and later. Weight-gradient GEMMs (large K, few calls) stay on the
+// them once per call, in parallel (float32: K x N; bfloat16/float16: VNNI pairs in blocks of
+// kBrgemmBlockN columns, see lay_out_block), and the float32 accumulator is the result: written
+// straight into the bottleneck ring, or read by the residual pass, with no 16-bit rounding of y or
+// of the up-projection. 16-bit brgemm needs AMX (cpublas::could_pack); float32 brgemm runs on AVX2
+// and later. Weight-gradient GEMMs (large K, few calls) stay on the
 // library GEMM. The hardware context (AMX tile configuration) is released when a task starts and
 // ends, and before a library GEMM between brgemm calls (see BrgemmScope).
 //
@@ -64,13 +64,25 @@
 #include <memory>
 #include <tuple>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if AT_MKL_ENABLED()
 // MKL's per-thread thread count (libtorch_cpu exports MKL, which torch links statically).
 extern "C" int MKL_Set_Num_Threads_Local(int);  // the C entry point (mkl_service.h maps the lower-case macro to it)
 #endif
 
+// This file is compiled once per instruction set, like ATen's kernels: with setup.py's flags
+// (CPU_CAPABILITY=AVX2 on x86-64) and again by st_adapter_cpu_avx512.cpp, each copy in a namespace
+// of its own, stadapter::<CPU_CAPABILITY>; dispatch.cpp picks one per call. The GEMMs are the
+// libraries' either way: what AVX-512 speeds up is this file's element-wise work (the conv,
+// activation, residual and widening passes), twice as wide.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
 namespace stadapter {
+namespace CPU_CAPABILITY {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -100,8 +112,8 @@ constexpr int64_t kWeightGradChunkFrames = 8;
 constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
-// Columns per VNNI-packed block of a 16-bit brgemm weight: cpublas::pack packs blocks of 16, 32,
-// 48 or 64 columns (a whole 384-column weight in one call fails to pack on AMX).
+// Columns per VNNI block of a 16-bit brgemm weight, the N of each 16-bit brgemm call: ATen's own
+// packing (cpublas::pack) takes blocks of 16 to 64 columns (a whole 384-column weight failed on AMX).
 constexpr int64_t kBrgemmBlockN = 64;
 // 16-bit brgemm takes widths (C and Ca, each a K and an N) that are multiples of this: whole packed
 // blocks, and K even for the VNNI pairs.
@@ -271,34 +283,139 @@ Rows<T> rows_of(const at::Tensor& t) {
   return Rows<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The B operand (K x N) of brgemm calls, laid out once per call: float32 row-major, or 16-bit
-// VNNI-packed by cpublas::pack in blocks of kBrgemmBlockN columns (the block at column n0 starts at
-// element n0 * K).
+// Memory for one call. Requests up to kMaxRetainedArenaBytes come from the calling thread's
+// arena, kept and reused across calls (grown when a call needs more), one per slot: fresh
+// multi-megabyte buffers per call would be new pages, zero-filled by the kernel on first touch,
+// every call. Larger requests (long clips, wide models) are allocated for the call and freed
+// with the lease, so no thread keeps more than the cap per slot alive between calls.
+enum class ArenaSlot { kTileScratch, kWeightGradPartials, kBrgemmWeights, kCount };
+constexpr size_t kMaxRetainedArenaBytes = size_t{32} << 20;
+
+class ArenaLease {
+ public:
+  ArenaLease() = default;
+  ArenaLease(ArenaSlot slot, size_t bytes) {
+    bytes = (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;  // as aligned_alloc requires
+    if (bytes > kMaxRetainedArenaBytes) {
+      owned_.reset(allocate(bytes));
+      data_ = owned_.get();
+      return;
+    }
+    constexpr auto kSlots = static_cast<size_t>(ArenaSlot::kCount);
+    thread_local std::array<std::unique_ptr<char, Free>, kSlots> arenas;
+    thread_local std::array<size_t, kSlots> capacities{};
+    const auto i = static_cast<size_t>(slot);
+    if (bytes > capacities[i]) {
+      arenas[i].reset(allocate(bytes));
+      capacities[i] = bytes;
+    }
+    data_ = arenas[i].get();
+  }
+  char* data() const { return data_; }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  static char* allocate(size_t bytes) {
+    char* memory = static_cast<char*>(std::aligned_alloc(kArenaAlignment, bytes));
+    TORCH_CHECK(memory, "stadapter_cpp: cannot allocate ", bytes, " bytes of scratch");
+    return memory;
+  }
+  std::unique_ptr<char, Free> owned_;
+  char* data_ = nullptr;
+};
+
+// The B operand (K x N) of brgemm calls, laid out once per call: float32 row-major (the weight
+// itself where it is that already), or 16-bit in VNNI pairs, per block of kBrgemmBlockN columns
+// [K/2][block_n][2] (the block at column n0 starts at element n0 * K).
 struct BrgemmWeight {
-  at::Tensor data;
+  const void* data = nullptr;
   int64_t k = 0, n = 0;
 };
 
-BrgemmWeight make_brgemm_weight(const at::Tensor& b, at::ScalarType dtype) {
-  BrgemmWeight w{b.to(dtype).contiguous(), b.size(0), b.size(1)};
-  if (dtype == at::kFloat) return w;
-  const at::Tensor plain = w.data;
-  w.data = at::empty_like(plain);
-  const auto* in = static_cast<const char*>(plain.data_ptr());
-  auto* out = static_cast<char*>(w.data.data_ptr());
-  const int64_t element = plain.element_size();
-  for (int64_t n0 = 0; n0 < w.n; n0 += kBrgemmBlockN) {
-    const int64_t block_n = std::min(kBrgemmBlockN, w.n - n0);
-    at::native::cpublas::pack(w.k, block_n, /*ld_in=*/w.n, /*ld_out=*/block_n, dtype, dtype, in + n0 * element,
-                              out + n0 * w.k * element);
+// A weight to lay out as brgemm's B operand: `source` (contiguous, in the GEMM dtype) is K x N, or
+// with `transposed` N x K (B = source.T: the forward's x @ W.T).
+struct BrgemmLayout {
+  at::Tensor source;
+  bool transposed;
+  BrgemmWeight* target;
+
+  int64_t k() const { return source.size(transposed ? 1 : 0); }
+  int64_t n() const { return source.size(transposed ? 0 : 1); }
+  // Float32 taken as it is needs no memory of its own.
+  bool in_place() const { return !transposed && source.scalar_type() == at::kFloat; }
+  size_t bytes() const { return in_place() ? 0 : source.numel() * source.element_size(); }
+};
+
+// dst (cols x rows, leading dimension ld_dst) = src (rows x cols, leading dimension ld_src)
+// transposed, 32-bit elements, in blocks that stay in L1.
+void transpose_32bit(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
+                     int64_t ld_dst) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t r1 = std::min(rows, r0 + kBlock), c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+      }
+    }
   }
-  return w;
+}
+
+// Columns [n0, n0 + block_n) of a layout. Float32: rows of K x N (a transposed source's rows n
+// become its columns). 16-bit: pairs (B[2i][n], B[2i+1][n]) as one 32-bit element at [i][n - n0]
+// (a transposed source's row n holds column n's pairs back to back: a 32-bit transpose again; an
+// upright source's rows 2i and 2i+1 interleaved).
+void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
+  const int64_t k = l.k(), n = l.n();
+  if (l.source.scalar_type() == at::kFloat) {
+    const auto* src = static_cast<const uint32_t*>(l.source.const_data_ptr());
+    auto* dst = static_cast<uint32_t*>(const_cast<void*>(l.target->data));
+    transpose_32bit(src + n0 * k, k, block_n, k, dst + n0, n);  // only transposed float32 gets here
+    return;
+  }
+  auto* dst = static_cast<uint32_t*>(const_cast<void*>(l.target->data)) + n0 * k / 2;
+  if (l.transposed) {
+    const auto* src = static_cast<const uint32_t*>(l.source.const_data_ptr());
+    transpose_32bit(src + n0 * k / 2, k / 2, block_n, k / 2, dst, block_n);
+    return;
+  }
+  const auto* src = static_cast<const uint16_t*>(l.source.const_data_ptr());
+  for (int64_t i = 0; i < k / 2; ++i) {
+    const uint16_t* even = src + 2 * i * n + n0;
+    const uint16_t* odd = even + n;
+    for (int64_t j = 0; j < block_n; ++j) dst[i * block_n + j] = uint32_t{even[j]} | uint32_t{odd[j]} << 16;
+  }
+}
+
+// Lays out every weight of `layouts` into memory leased from the calling thread's arena (kept in
+// `memory` for the call), in parallel over column blocks: cheap next to a per-call torch transpose
+// and pack, which took ~0.4 ms of a 4 ms bf16 forward on a 2-core Xeon.
+void lay_out_brgemm_weights(const std::vector<BrgemmLayout>& layouts, ArenaLease* memory) {
+  size_t bytes = 0;
+  for (const BrgemmLayout& l : layouts) bytes += (l.bytes() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+  *memory = ArenaLease(ArenaSlot::kBrgemmWeights, bytes);
+  std::vector<std::pair<const BrgemmLayout*, int64_t>> blocks;  // (layout, first column)
+  char* next = memory->data();
+  for (const BrgemmLayout& l : layouts) {
+    *l.target = BrgemmWeight{l.in_place() ? l.source.const_data_ptr() : next, l.k(), l.n()};
+    if (l.in_place()) continue;
+    next += (l.bytes() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    for (int64_t n0 = 0; n0 < l.n(); n0 += kBrgemmBlockN) blocks.emplace_back(&l, n0);
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [layout, n0] = blocks[i];
+      lay_out_block(*layout, n0, std::min(kBrgemmBlockN, layout->n() - n0));
+    }
+  });
 }
 
 // c (m x b.n float32, leading dimension ldc) = a (m x b.k, leading dimension lda >= b.k) @ b.
 template <typename T>
 void brgemm_rows(const BrgemmWeight& b, const T* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
-  const T* data = static_cast<const T*>(b.data.data_ptr());
+  const T* data = static_cast<const T*>(b.data);
   if constexpr (std::is_same_v<T, float>) {
     at::native::cpublas::brgemm(m, b.n, b.k, lda, b.n, ldc, /*add_C=*/false, a, data, c, /*is_vnni=*/false);
   } else {
@@ -338,6 +455,7 @@ struct Params {
   // brgemm only: the weights as the B operand of y = x @ fc1.T, up = a @ fc2.T, and the backward's
   // da = g @ fc2 and dx = dy @ fc1.
   BrgemmWeight down, up, up_grad, down_grad;
+  ArenaLease brgemm_memory;  // what they point into (not the float32 weights taken as they are)
 };
 
 Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
@@ -352,14 +470,14 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
   if (s.widened_down) p.fc1_weight_wide = as_f32(fc1_weight);
   p.fc2_weight = as_gemm(fc2_weight);
   if (s.brgemm) {
-    const at::ScalarType gemm_dtype = p.fc1_weight.scalar_type();
-    p.down = make_brgemm_weight(fc1_weight.t(), gemm_dtype);
+    std::vector<BrgemmLayout> layouts{{p.fc1_weight, /*transposed=*/true, &p.down}};
     if (backward) {
-      p.up_grad = make_brgemm_weight(fc2_weight, gemm_dtype);
-      p.down_grad = make_brgemm_weight(fc1_weight, gemm_dtype);
+      layouts.push_back({p.fc2_weight, /*transposed=*/false, &p.up_grad});
+      layouts.push_back({p.fc1_weight, /*transposed=*/false, &p.down_grad});
     } else {
-      p.up = make_brgemm_weight(fc2_weight.t(), gemm_dtype);
+      layouts.push_back({p.fc2_weight, /*transposed=*/true, &p.up});
     }
+    lay_out_brgemm_weights(layouts, &p.brgemm_memory);
   }
   p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
   if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
@@ -617,49 +735,6 @@ void conv_activation(const Shape& s, const Params& p, const float* ring_y, int64
     if constexpr (!std::is_same_v<OutT, float>) at::vec::convert(row_scratch, a + r * ca, ca);
   }
 }
-
-// Memory for one call. Requests up to kMaxRetainedArenaBytes come from the calling thread's
-// arena, kept and reused across calls (grown when a call needs more), one per slot: fresh
-// multi-megabyte buffers per call would be new pages, zero-filled by the kernel on first touch,
-// every call. Larger requests (long clips, wide models) are allocated for the call and freed
-// with the lease, so no thread keeps more than the cap per slot alive between calls.
-enum class ArenaSlot { kTileScratch, kWeightGradPartials, kCount };
-constexpr size_t kMaxRetainedArenaBytes = size_t{32} << 20;
-
-class ArenaLease {
- public:
-  ArenaLease() = default;
-  ArenaLease(ArenaSlot slot, size_t bytes) {
-    bytes = (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;  // as aligned_alloc requires
-    if (bytes > kMaxRetainedArenaBytes) {
-      owned_.reset(allocate(bytes));
-      data_ = owned_.get();
-      return;
-    }
-    constexpr auto kSlots = static_cast<size_t>(ArenaSlot::kCount);
-    thread_local std::array<std::unique_ptr<char, Free>, kSlots> arenas;
-    thread_local std::array<size_t, kSlots> capacities{};
-    const auto i = static_cast<size_t>(slot);
-    if (bytes > capacities[i]) {
-      arenas[i].reset(allocate(bytes));
-      capacities[i] = bytes;
-    }
-    data_ = arenas[i].get();
-  }
-  char* data() const { return data_; }
-
- private:
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  static char* allocate(size_t bytes) {
-    char* memory = static_cast<char*>(std::aligned_alloc(kArenaAlignment, bytes));
-    TORCH_CHECK(memory, "stadapter_cpp: cannot allocate ", bytes, " bytes of scratch");
-    return memory;
-  }
-  std::unique_ptr<char, Free> owned_;
-  char* data_ = nullptr;
-};
 
 // Per-thread scratch of one tile, carved out of the thread's arena (uninitialised): the kt-frame
 // rings and per-frame blocks in float32, and with native_gemm the 16-bit GEMM operands and results.
@@ -1098,42 +1173,36 @@ void check_inputs(const at::Tensor& x, const at::Tensor& written) {
 
 namespace {
 
-// One small product through this file's brgemm path (weight layout, column blocks, a partial last
-// block) against the exact result: small integers, exact in every dtype and in float32 sums. The
-// 16-bit path runs only on CPUs with AMX, so each new one checks it once before trusting it.
+// Small products through this file's brgemm path (both weight layouts, column blocks, a partial
+// last block) against the exact result: small integers, exact in every dtype and in float32 sums.
+// The 16-bit path runs only on CPUs with AMX, so each new one checks it once before trusting it.
 bool brgemm_matches_exact_product(at::ScalarType dtype) {
   constexpr int64_t m = 5, k = 2 * kBrgemmColumnMultiple, n = kBrgemmBlockN + kBrgemmColumnMultiple;
   const auto wide = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor a = at::arange(m * k, wide).remainder(11).sub(5).view({m, k}).to(dtype);
   const at::Tensor b = at::arange(k * n, wide).remainder(7).sub(3).view({k, n}).to(dtype);
-  const BrgemmWeight weight = make_brgemm_weight(b, dtype);
-  at::Tensor c = at::empty({m, n}, wide);
-  {
-    const BrgemmScope brgemm_scope(/*vnni=*/dtype != at::kFloat);
+  BrgemmWeight upright, transposed;
+  ArenaLease memory;
+  lay_out_brgemm_weights({{b, /*transposed=*/false, &upright}, {b.t().contiguous(), /*transposed=*/true, &transposed}},
+                         &memory);
+  const at::Tensor exact = at::mm(a.to(at::kFloat), b.to(at::kFloat));
+  const BrgemmScope brgemm_scope(/*vnni=*/dtype != at::kFloat);
+  for (const BrgemmWeight* weight : {&upright, &transposed}) {
+    at::Tensor c = at::empty({m, n}, wide);
     dispatch_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
-      brgemm_rows(weight, a.const_data_ptr<T>(), k, m, c.data_ptr<float>(), n);
+      brgemm_rows(*weight, a.const_data_ptr<T>(), k, m, c.data_ptr<float>(), n);
     });
+    if (!at::equal(c, exact)) return false;
   }
-  return at::equal(c, at::mm(a.to(at::kFloat), b.to(at::kFloat)));
+  return true;
 }
 
 }  // namespace
 
-// The CPU's maker: library GEMMs dispatch on it (MKL's float32 kernels are not its best on AMD),
-// where the ISA flags alone would say two CPUs are alike.
-std::string cpu_vendor() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_is("amd")) return "AMD";
-  if (__builtin_cpu_is("intel")) return "Intel";
-#endif
-  return "other";
-}
-
 // float32 from AVX2 on (ATen's oneDNN float32 ukernel; the extension itself needs AVX2), 16-bit
-// where cpublas::pack lays weights out for it (AMX), every K and N a whole number of packed
-// columns. Elsewhere cpublas::brgemm would quietly fall back to a library GEMM, or refuse VNNI.
+// where ATen would pack weights for it (cpublas::could_pack: AMX), every K and N a whole number of
+// packed columns. Elsewhere cpublas::brgemm would quietly fall back to a library GEMM, or refuse VNNI.
 // Each dtype's path is also checked once on an exact product (a mismatch warns and disables it).
 bool brgemm_serves(at::ScalarType gemm_dtype, int64_t channels, int64_t bottleneck) {
   if (gemm_dtype != at::kFloat && (!at::native::cpublas::could_pack(gemm_dtype) ||
@@ -1276,4 +1345,5 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
           ordered_sum(partials.fc2_bias).to(dtype), d_cond.to(dtype)};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace stadapter

@@ -3,6 +3,9 @@ imports, `auto` runs the reference on CPU and `explain` says the extension is no
 input forced through backend="cpp" gets the same errors as the reference."""
 
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -103,3 +106,29 @@ def test_the_extension_is_built_unless_the_build_was_skipped():
     from stadapter_kernels import fused_cpp
 
     assert fused_cpp._BUILD_ERROR is None
+
+
+# A 512-bit or EVEX-only register: zmm, xmm/ymm 16-31, an opmask.
+AVX512_REGISTER = re.compile(r"%zmm\d|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[1-7]\b")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the AVX-512 copy of the kernels is built on x86-64 only")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_only_the_avx512_copy_of_the_kernels_uses_avx512():
+    """The extension holds two copies of the kernels (csrc/st_adapter_cpu_avx512.cpp): an inline
+    function both emit must be linked from the baseline copy, or an AVX2-only CPU would run the
+    AVX-512 one. So every function with an AVX-512 register lives in namespace stadapter::AVX512."""
+    from stadapter_kernels import _C
+
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    function, users = None, set()
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif function and AVX512_REGISTER.search(line):
+            users.add(function)
+    assert any("stadapter::AVX512::" in name for name in users), "no AVX-512 code found: the copy was not built"
+    outside = sorted(name for name in users if "stadapter::AVX512::" not in name and "at::vec::AVX512::" not in name)
+    assert not outside, outside[:10]

@@ -174,3 +174,14 @@ def test_cpu_vendor_is_the_one_proc_cpuinfo_names():
         pytest.skip("no /proc/cpuinfo to compare with")
     assert len(ids) <= 1, ids  # none outside x86 (aarch64's cpuinfo names implementers instead)
     assert vendor == {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(ids.pop() if ids else "", "other")
+
+
+def test_avx512_copy_runs_where_proc_cpuinfo_has_its_instructions():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    has_them = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert torch.ops.stadapter_cpp.avx512_available() == has_them
+    assert fused_cpp.avx512 == (has_them and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))

@@ -69,6 +69,16 @@ def test_cpp_matches_oracle(case, tile, native_gemm, brgemm, monkeypatch):
     assert_matches_oracle(case, backend="cpp")
 
 
+# On an AVX-512 CPU the kernels' default copy is the AVX-512 one (fused_cpp.avx512), which the test
+# above runs; this one runs the AVX2 copy, as AVX2-only CPUs do, on every GEMM path too.
+@pytest.mark.parametrize("case, tile, native_gemm, brgemm", GEMM_GRID if fused_cpp.avx512 else [],
+                         ids=lambda v: str(v))
+def test_cpp_avx2_copy_matches_oracle_on_an_avx512_cpu(case, tile, native_gemm, brgemm, monkeypatch):
+    force_gemm_path(monkeypatch, case.dtype, tile, native_gemm, brgemm)
+    monkeypatch.setattr(fused_cpp, "avx512", False)
+    assert_matches_oracle(case, backend="cpp")
+
+
 def test_auto_picks_cpp_for_cpu_tensors():
     choice = call(sk.explain, make_inputs(BASE, seed=0), BASE)
     assert choice.backend == "cpp", str(choice)

@@ -10,11 +10,12 @@ path the cpp backend took (fused_cpp.gemm_path: brgemm/AMX, brgemm/AVX-512, brge
 MKL float32). First, per GEMM dtype, the per-call cost of torch.mm on one thread: one frame's
 196-row GEMM against a sixteenth of one 16-frame GEMM, for both GEMM shapes of the forward.
 `--gemm-paths` also times the cpp backend on every GEMM path this CPU has (forced, as the tests
-force them). `--context` times one clip's cpp forward (the model modes' adapter call) right after
-itself, after a ViT-B MLP's two MKL GEMMs (the backbone's thread pool busy just before), and after
-touching 64 MiB (caches evicted); `--in-model` times the benchmark's 12-block model per provider
-(fused, official, floor) part by part, with page faults, and the fused adapters alone on the inputs
-they had there: the in-model slowdown question of issue 15.
+force them), and on an AVX-512 CPU its AVX2 copy of the kernels (fused_cpp.avx512 off).
+`--context` times one clip's cpp forward (the model modes' adapter call) right after itself, after
+a ViT-B MLP's two MKL GEMMs (the backbone's thread pool busy just before), and after touching
+64 MiB (caches evicted); `--in-model` times the benchmark's 12-block model per provider (fused,
+official, floor) part by part, with page faults, and the fused adapters alone on the inputs they
+had there: the in-model slowdown question of issue 15.
 
 ViT-B/16 adapter shapes (issue 4): B=2 videos x T=8 frames of L=197 tokens (prefix 1), C=768,
 kt=3; --batch and --tokens change B and L (e.g. --batch 1 --tokens 50: one tile per frame).
@@ -305,10 +306,11 @@ def raw_op(inputs, tile, backward):
 
     def run():
         start = time.perf_counter()
-        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native, use_brgemm)
+        torch.ops.stadapter_cpp.st_adapter_forward(out, x, *params, None, *options, native, use_brgemm, True,
+                                                   fused_cpp.avx512)
         if backward:
             torch.ops.stadapter_cpp.st_adapter_backward(torch.empty_like(x), x, x, *params, None, *options,
-                                                        native, use_brgemm)
+                                                        native, use_brgemm, True, fused_cpp.avx512)
         return time.perf_counter() - start
 
     return run
@@ -317,6 +319,15 @@ def raw_op(inputs, tile, backward):
 def _forced_run(run, dtype, native, use_brgemm):
     with forced_gemm_path(dtype, native, use_brgemm):
         return run()
+
+
+def _avx2_copy_run(run):
+    """run() on the AVX2 copy of the kernels (where the AVX-512 one is the default)."""
+    fused_cpp.avx512 = False
+    try:
+        return run()
+    finally:
+        fused_cpp.avx512 = True
 
 
 def main():
@@ -402,6 +413,10 @@ def main():
                         candidates[f"cpp[{name}{widened}] {phase}"] = (
                             lambda run=run, native=native, use_brgemm=use_brgemm:
                             _forced_run(run, dtype, native, use_brgemm))
+                if fused_cpp.avx512:  # the element-wise work at half the width, on the default GEMM path
+                    for phase, backward in (("fwd", False), ("fwd+bwd", True)):
+                        candidates[f"cpp[AVX2 copy] {phase}"] = functools.partial(
+                            _avx2_copy_run, timed_flow(cpp_flow, inputs, backward=backward))
             for tile in filter(None, args.tile_sweep.split(",")):
                 candidates[f"tile {tile} fwd"] = raw_op(inputs, int(tile), backward=False)
                 candidates[f"tile {tile} fwd+bwd"] = raw_op(inputs, int(tile), backward=True)

@@ -28,8 +28,8 @@
 // micro-kernels, at::native::cpublas::brgemm (`brgemm`, chosen per call by fused_cpp.py): oneDNN
 // kernels generated once per shape and cached per thread, with none of a library GEMM's per-call
 // set-up, which is what dominates one frame's 196-row GEMMs on AMX. The weight is laid out for
-// them once per call, in parallel (float32: K x N; bfloat16/float16: VNNI pairs in blocks of
-// kBrgemmBlockN columns, see lay_out_block), and the float32 accumulator is the result: written
+// them once per call, in parallel (float32: K x N; bfloat16/float16: VNNI pairs, see
+// lay_out_block), and the float32 accumulator is the result: written
 // straight into the bottleneck ring, or read by the residual pass, with no 16-bit rounding of y or
 // of the up-projection. 16-bit brgemm needs AMX (cpublas::could_pack); float32 brgemm runs on AVX2
 // and later. Weight-gradient GEMMs (large K, few calls) stay on the
@@ -112,11 +112,10 @@ constexpr int64_t kWeightGradChunkFrames = 8;
 constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
-// Columns per VNNI block of a 16-bit brgemm weight, the N of each 16-bit brgemm call: ATen's own
-// packing (cpublas::pack) takes blocks of 16 to 64 columns (a whole 384-column weight failed on AMX).
+// Columns of a brgemm weight laid out per task (lay_out_brgemm_weights).
 constexpr int64_t kBrgemmBlockN = 64;
-// 16-bit brgemm takes widths (C and Ca, each a K and an N) that are multiples of this: whole packed
-// blocks, and K even for the VNNI pairs.
+// 16-bit brgemm takes widths (C and Ca, each a K and an N) that are multiples of this: whole AMX
+// tile rows of 16, and K even for the VNNI pairs.
 constexpr int64_t kBrgemmColumnMultiple = 16;
 
 // ---------------------------------------------------------------------------------------------
@@ -327,8 +326,9 @@ class ArenaLease {
 };
 
 // The B operand (K x N) of brgemm calls, laid out once per call: float32 row-major (the weight
-// itself where it is that already), or 16-bit in VNNI pairs, per block of kBrgemmBlockN columns
-// [K/2][block_n][2] (the block at column n0 starts at element n0 * K).
+// itself where it is that already), or 16-bit in VNNI pairs [K/2][N][2]. One brgemm call takes all
+// N columns (ATen's cpublas::pack makes blocks of at most 64, one call each): alone on AMX (196
+// rows, one thread) 15-17% faster than 64-column calls, inside the kernel within noise (0.97-1.03).
 struct BrgemmWeight {
   const void* data = nullptr;
   int64_t k = 0, n = 0;
@@ -364,8 +364,8 @@ void transpose_32bit(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
 }
 
 // Columns [n0, n0 + block_n) of a layout. Float32: rows of K x N (a transposed source's rows n
-// become its columns). 16-bit: pairs (B[2i][n], B[2i+1][n]) as one 32-bit element at [i][n - n0]
-// (a transposed source's row n holds column n's pairs back to back: a 32-bit transpose again; an
+// become its columns). 16-bit: pairs (B[2i][n], B[2i+1][n]) as one 32-bit element at [i][n] (a
+// transposed source's row n holds column n's pairs back to back: a 32-bit transpose again; an
 // upright source's rows 2i and 2i+1 interleaved).
 void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
   const int64_t k = l.k(), n = l.n();
@@ -375,17 +375,17 @@ void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
     transpose_32bit(src + n0 * k, k, block_n, k, dst + n0, n);  // only transposed float32 gets here
     return;
   }
-  auto* dst = static_cast<uint32_t*>(const_cast<void*>(l.target->data)) + n0 * k / 2;
+  auto* dst = static_cast<uint32_t*>(const_cast<void*>(l.target->data)) + n0;
   if (l.transposed) {
     const auto* src = static_cast<const uint32_t*>(l.source.const_data_ptr());
-    transpose_32bit(src + n0 * k / 2, k / 2, block_n, k / 2, dst, block_n);
+    transpose_32bit(src + n0 * k / 2, k / 2, block_n, k / 2, dst, n);
     return;
   }
   const auto* src = static_cast<const uint16_t*>(l.source.const_data_ptr());
   for (int64_t i = 0; i < k / 2; ++i) {
     const uint16_t* even = src + 2 * i * n + n0;
     const uint16_t* odd = even + n;
-    for (int64_t j = 0; j < block_n; ++j) dst[i * block_n + j] = uint32_t{even[j]} | uint32_t{odd[j]} << 16;
+    for (int64_t j = 0; j < block_n; ++j) dst[i * n + j] = uint32_t{even[j]} | uint32_t{odd[j]} << 16;
   }
 }
 
@@ -415,16 +415,8 @@ void lay_out_brgemm_weights(const std::vector<BrgemmLayout>& layouts, ArenaLease
 // c (m x b.n float32, leading dimension ldc) = a (m x b.k, leading dimension lda >= b.k) @ b.
 template <typename T>
 void brgemm_rows(const BrgemmWeight& b, const T* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
-  const T* data = static_cast<const T*>(b.data);
-  if constexpr (std::is_same_v<T, float>) {
-    at::native::cpublas::brgemm(m, b.n, b.k, lda, b.n, ldc, /*add_C=*/false, a, data, c, /*is_vnni=*/false);
-  } else {
-    for (int64_t n0 = 0; n0 < b.n; n0 += kBrgemmBlockN) {
-      const int64_t block_n = std::min(kBrgemmBlockN, b.n - n0);
-      at::native::cpublas::brgemm(m, block_n, b.k, lda, block_n, ldc, /*add_C=*/false, a, data + n0 * b.k, c + n0,
-                                  /*is_vnni=*/true);
-    }
-  }
+  at::native::cpublas::brgemm(m, b.n, b.k, lda, b.n, ldc, /*add_C=*/false, a, static_cast<const T*>(b.data), c,
+                              /*is_vnni=*/!std::is_same_v<T, float>);
 }
 
 // Releases the calling thread's brgemm hardware context (AMX tile configuration) on entry and on
@@ -1173,8 +1165,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& written) {
 
 namespace {
 
-// Small products through this file's brgemm path (both weight layouts, column blocks, a partial
-// last block) against the exact result: small integers, exact in every dtype and in float32 sums.
+// Small products through this file's brgemm path (both weight layouts, laid out in column blocks
+// with a partial last one) against the exact result: small integers, exact in every dtype and in float32 sums.
 // The 16-bit path runs only on CPUs with AMX, so each new one checks it once before trusting it.
 bool brgemm_matches_exact_product(at::ScalarType dtype) {
   constexpr int64_t m = 5, k = 2 * kBrgemmColumnMultiple, n = kBrgemmBlockN + kBrgemmColumnMultiple;

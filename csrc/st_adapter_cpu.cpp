@@ -153,6 +153,19 @@ constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhCubic = 0.044715f;
 constexpr float kQuickGeluAlpha = 1.702f;
 
+// erf(u) given e = exp(-u^2): Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), at::vec's own erf
+// formula, with the exponential passed in (gelu's derivative needs the same one).
+inline Vec erf_given_exp(Vec u, Vec e) {
+  const Vec one(1.0f);
+  const Vec t = one / at::vec::fmadd(Vec(0.3275911f), u.abs(), one);
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  const Vec magnitude = one - r * t * e;
+  return Vec::blendv(magnitude.neg(), magnitude, u >= Vec(0.0f));
+}
+
 inline Vec sigmoid(Vec v) {
   const Vec one(1.0f);
   return one / (one + v.neg().exp());
@@ -170,8 +183,13 @@ inline Vec activate(Vec z, Vec* derivative) {
     if (derivative) *derivative = Vec::blendv(zero, one, z > zero);
     return at::vec::maximum(z, zero);
   } else if constexpr (A == Activation::kGelu) {
-    const Vec cdf = half * (one + (z * Vec(kInvSqrt2)).erf());
-    if (derivative) *derivative = cdf + z * (Vec(-0.5f) * z * z).exp() * Vec(kInvSqrt2Pi);
+    // exp(-z^2 / 2) once, for the cdf's erf and the derivative's pdf, through at::vec's inline
+    // exp_u20 (~2e-6 relative) rather than Sleef's exp, an opaque call per vector. gelu's error
+    // against float64 is unchanged (4.6e-7 at most on [-12, 12], the erf formula's), and on the AMX
+    // Xeon the bf16 Ca = 384 forward takes 0.89-0.94x, forward+backward 0.92-0.94x the time.
+    const Vec e = (Vec(-0.5f) * z * z).exp_u20();
+    const Vec cdf = half * (one + erf_given_exp(z * Vec(kInvSqrt2), e));
+    if (derivative) *derivative = cdf + z * e * Vec(kInvSqrt2Pi);
     return z * cdf;
   } else if constexpr (A == Activation::kGeluTanh) {
     const Vec z2 = z * z;

@@ -112,6 +112,9 @@ constexpr int64_t kWeightGradChunkFrames = 8;
 constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
+constexpr size_t round_up_to_alignment(size_t bytes) {
+  return (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+}
 // Columns of a brgemm weight laid out per task (lay_out_brgemm_weights).
 constexpr int64_t kBrgemmBlockN = 64;
 // 16-bit brgemm takes widths (C and Ca, each a K and an N) that are multiples of this: whole AMX
@@ -312,7 +315,7 @@ class ArenaLease {
  public:
   ArenaLease() = default;
   ArenaLease(ArenaSlot slot, size_t bytes) {
-    bytes = (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;  // as aligned_alloc requires
+    bytes = round_up_to_alignment(bytes);  // as aligned_alloc requires
     if (bytes > kMaxRetainedArenaBytes) {
       owned_.reset(allocate(bytes));
       data_ = owned_.get();
@@ -423,14 +426,14 @@ void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
 // and pack, which took ~0.4 ms of a 4 ms bf16 forward on a 2-core Xeon.
 void lay_out_brgemm_weights(const std::vector<BrgemmLayout>& layouts, ArenaLease* memory) {
   size_t bytes = 0;
-  for (const BrgemmLayout& l : layouts) bytes += (l.bytes() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+  for (const BrgemmLayout& l : layouts) bytes += round_up_to_alignment(l.bytes());
   *memory = ArenaLease(ArenaSlot::kBrgemmWeights, bytes);
   std::vector<std::pair<const BrgemmLayout*, int64_t>> blocks;  // (layout, first column)
   char* next = memory->data();
   for (const BrgemmLayout& l : layouts) {
     *l.target = BrgemmWeight{l.in_place() ? l.source.const_data_ptr() : next, l.k(), l.n()};
     if (l.in_place()) continue;
-    next += (l.bytes() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    next += round_up_to_alignment(l.bytes());
     for (int64_t n0 = 0; n0 < l.n(); n0 += kBrgemmBlockN) blocks.emplace_back(&l, n0);
   }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -784,7 +787,7 @@ struct Scratch {
     uintptr_t next = base;
     auto take = [&](auto*& buffer, int64_t count) {
       using T = std::remove_reference_t<decltype(*buffer)>;
-      next = (next + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+      next = round_up_to_alignment(next);
       buffer = reinterpret_cast<T*>(next);
       next += count * sizeof(T);
     };

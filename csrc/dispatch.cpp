@@ -7,6 +7,10 @@
 namespace stadapter {
 
 namespace baseline = stadapter::CPU_CAPABILITY;
+#if !defined(__x86_64__)
+// No AVX-512 copy is built here; avx512_available() is false, so kernel_copy never picks it.
+namespace AVX512 = baseline;
+#endif
 
 bool avx512_available() {
 #if defined(__x86_64__)
@@ -18,6 +22,8 @@ bool avx512_available() {
 #endif
 }
 
+// The CPU's maker: library GEMMs dispatch on it (MKL's float32 kernels are not its best on AMD),
+// where the ISA flags alone would say two CPUs are alike.
 std::string cpu_vendor() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -29,18 +35,19 @@ std::string cpu_vendor() {
 
 // Each copy checks its own brgemm path once (an exact product): both must pass where both run.
 bool brgemm_serves(c10::ScalarType gemm_dtype, int64_t channels, int64_t bottleneck) {
-  const bool serves = baseline::brgemm_serves(gemm_dtype, channels, bottleneck);
-#if defined(__x86_64__)
-  if (avx512_available()) return serves && AVX512::brgemm_serves(gemm_dtype, channels, bottleneck);
-#endif
-  return serves;
+  return baseline::brgemm_serves(gemm_dtype, channels, bottleneck) &&
+         (!avx512_available() || AVX512::brgemm_serves(gemm_dtype, channels, bottleneck));
 }
 
 namespace {
 
-void check_avx512(bool avx512) {
+// The copy of a kernel a call asks for: `avx512_fn` with avx512 (which this CPU must run), else the
+// baseline's.
+template <typename Fn>
+Fn kernel_copy(bool avx512, Fn baseline_fn, Fn avx512_fn) {
   TORCH_CHECK(!avx512 || avx512_available(),
               "stadapter_cpp: avx512=True, but this CPU or this build has no AVX-512 (avx512f, bw, vl, dq)");
+  return avx512 ? avx512_fn : baseline_fn;
 }
 
 }  // namespace
@@ -51,15 +58,9 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
                             const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& cond,
                             int64_t prefix, const std::string& activation, double scale, int64_t tile_patches,
                             bool native_gemm, bool brgemm, bool residual, bool avx512) {
-  check_avx512(avx512);
-#if defined(__x86_64__)
-  if (avx512) {
-    return AVX512::st_adapter_forward_cpu(out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-                                          cond, prefix, activation, scale, tile_patches, native_gemm, brgemm, residual);
-  }
-#endif
-  baseline::st_adapter_forward_cpu(out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
-                                   prefix, activation, scale, tile_patches, native_gemm, brgemm, residual);
+  kernel_copy(avx512, &baseline::st_adapter_forward_cpu, &AVX512::st_adapter_forward_cpu)(
+      out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond, prefix, activation, scale,
+      tile_patches, native_gemm, brgemm, residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -70,17 +71,9 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
                         const std::optional<at::Tensor>& cond, int64_t prefix, const std::string& activation,
                         double scale, int64_t tile_patches, bool native_gemm, bool brgemm, bool residual,
                         bool avx512) {
-  check_avx512(avx512);
-#if defined(__x86_64__)
-  if (avx512) {
-    return AVX512::st_adapter_backward_cpu(dx, grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight,
-                                           fc2_bias, cond, prefix, activation, scale, tile_patches, native_gemm,
-                                           brgemm, residual);
-  }
-#endif
-  return baseline::st_adapter_backward_cpu(dx, grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight,
-                                           fc2_bias, cond, prefix, activation, scale, tile_patches, native_gemm,
-                                           brgemm, residual);
+  return kernel_copy(avx512, &baseline::st_adapter_backward_cpu, &AVX512::st_adapter_backward_cpu)(
+      dx, grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond, prefix, activation,
+      scale, tile_patches, native_gemm, brgemm, residual);
 }
 
 }  // namespace stadapter

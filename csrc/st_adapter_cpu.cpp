@@ -29,12 +29,12 @@
 // kernels generated once per shape and cached per thread, with none of a library GEMM's per-call
 // set-up, which is what dominates one frame's 196-row GEMMs on AMX. The weight is laid out for
 // them once per call, in parallel (float32: K x N; bfloat16/float16: VNNI pairs, see
-// lay_out_block), and the float32 accumulator is the result: written
-// straight into the bottleneck ring, or read by the residual pass, with no 16-bit rounding of y or
-// of the up-projection. 16-bit brgemm needs AMX (cpublas::could_pack); float32 brgemm runs on AVX2
-// and later. Weight-gradient GEMMs (large K, few calls) stay on the
-// library GEMM. The hardware context (AMX tile configuration) is released when a task starts and
-// ends, and before a library GEMM between brgemm calls (see BrgemmScope).
+// lay_out_block), and the float32 accumulator is the result: written straight into the bottleneck
+// ring, or read by the residual pass, with no 16-bit rounding of y or of the up-projection. 16-bit
+// brgemm needs AMX (cpublas::could_pack); float32 brgemm runs on AVX2 and later. Weight-gradient
+// GEMMs (large K, few calls) stay on the library GEMM. The hardware context (AMX tile
+// configuration) is released when a task starts and ends, and before a library GEMM between brgemm
+// calls (see BrgemmScope).
 //
 // Determinism: every tile is computed by one thread with single-threaded GEMMs (ATen's addmm,
 // MKL and OpenMP pinned to one thread, see SequentialBlas), and weight-gradient partials are
@@ -1198,8 +1198,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& written) {
 namespace {
 
 // Small products through this file's brgemm path (both weight layouts, laid out in column blocks
-// with a partial last one) against the exact result: small integers, exact in every dtype and in float32 sums.
-// The 16-bit path runs only on CPUs with AMX, so each new one checks it once before trusting it.
+// with a partial last one) against the exact result: small integers, exact in every dtype and in
+// float32 sums. The 16-bit path runs only on CPUs with AMX, so each new one checks it once before
+// trusting it.
 bool brgemm_matches_exact_product(at::ScalarType dtype) {
   constexpr int64_t m = 5, k = 2 * kBrgemmColumnMultiple, n = kBrgemmBlockN + kBrgemmColumnMultiple;
   const auto wide = at::TensorOptions().dtype(at::kFloat);

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import stadapter_kernels as sk
+from benchmarks.host import parse_cpuinfo
 from parity import Case, call, force_cpp_path, make_inputs
 from stadapter_kernels import fused_cpp
 
@@ -179,7 +180,7 @@ def test_cpu_vendor_is_the_one_proc_cpuinfo_names():
 def test_avx512_copy_runs_where_proc_cpuinfo_has_its_instructions():
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+            flags = parse_cpuinfo(cpuinfo.read()).flags
     except OSError:
         pytest.skip("no /proc/cpuinfo to compare with")
     has_them = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags

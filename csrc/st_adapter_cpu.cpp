@@ -8,7 +8,8 @@
 // tokens x Ca elements is ever written to memory: per frame, the down-projection, the depthwise
 // temporal conv + activation (at::vec) and the up-projection with the residual add fused into
 // its epilogue all run on cache-resident blocks. With a narrow bottleneck, native 16-bit GEMMs
-// take a few consecutive frames at once (see kBatchBottleneckElements).
+// take a few consecutive frames at once (see kBatchBottleneckElements); brgemm's forward projects
+// a run of frames with one weight before switching to the other (see kBrgemmBatchElements).
 //
 // Element-wise arithmetic (bias, conv, activation, residual, gradient partials) is float32.
 // The GEMMs of bfloat16/float16 inputs run one of two ways, chosen per call (`native_gemm`):
@@ -42,7 +43,8 @@
 // are bit-identical for any thread count. The forward may also split T into runs with the thread
 // count (see forward_tile): each frame's GEMM rows then meet other rows in a multi-frame GEMM,
 // which oneDNN's 16-bit GEMMs compute row by row alike (checked by the split tests); float32's
-// MKL does not, so float32 keeps one frame per GEMM, as does brgemm (no per-call cost to save).
+// MKL does not, so float32 keeps one frame per GEMM, as does brgemm (in runs of frames, see
+// kBrgemmBatchElements).
 #include "st_adapter_cpu.h"
 
 #include <ATen/ATen.h>
@@ -110,6 +112,14 @@ constexpr int64_t kWeightGradChunkFrames = 8;
 // rows (196 x 768 x 128: 27% slower than 784 rows at once; at Ca = 384 no slower, so one frame)
 // and give each row the same result whatever the rows around it, so batching changes no bit.
 constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
+// brgemm forward: frames per run of one weight's GEMMs (down-projections ahead of the window, then
+// up-projections of the frames waiting for them), so that the run's bottleneck block is about this
+// many elements. A 196-row brgemm call takes ~25 us longer when its 590 KB weight comes back from
+// L3 rather than L2, and frame by frame each weight evicts the other; in runs, one call a run pays.
+// bf16, Ca = 384, B = 2, 2 threads on the AMX Xeon (same build, run length forced): runs of 8 frames
+// take 0.88-0.92x the forward's time frame by frame, of 4 0.89-0.93x, of 2 0.95-0.97x. Each GEMM
+// stays one frame's call, so no bit changes.
+constexpr int64_t kBrgemmBatchElements = 8 * 200 * 384;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
 constexpr size_t round_up_to_alignment(size_t bytes) {
@@ -227,8 +237,9 @@ struct Shape {
   bool residual;            // out = x + branch (else the branch alone; dx without the identity term)
   bool widened_down;        // native_gemm, but the down-projection widened to float32 (relu's backward)
   int64_t grad_chunk;       // frames per weight-gradient GEMM of the native backward
-  int64_t up_frames;        // frames per up-projection GEMM of the forward
-  int64_t down_frames;      // frames per down-projection GEMM of the forward (back-to-back rows only)
+  int64_t up_frames;        // frames per up-projection GEMM of the forward (brgemm: per run of calls)
+  int64_t down_frames;      // frames per down-projection GEMM of the forward (back-to-back rows only;
+                            // brgemm: per run of calls)
   int64_t ring_frames;      // frames of y alive in the ring: kt, plus the frames projected ahead
 
   int64_t video_of(int64_t tile_index) const { return tile_index / tiles_per_video; }
@@ -247,7 +258,8 @@ struct Shape {
 };
 
 Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bottleneck, int64_t prefix,
-                 int64_t tile_patches, bool native_gemm, bool brgemm, bool residual, bool widened_down = false) {
+                 int64_t tile_patches, bool native_gemm, bool brgemm, bool residual, bool backward,
+                 bool widened_down = false) {
   Shape s{};
   s.native_gemm = native_gemm && x.scalar_type() != at::kFloat;
   s.brgemm = brgemm;
@@ -281,10 +293,18 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   // T (see forward_tile) changes no bit. The down-projection's rows of several frames are one
   // strided block only when a tile is a whole frame's patches and frames lie back to back
   // (the prefix rows between them are projected too, and dropped).
-  const int64_t batch_frames = std::clamp<int64_t>(kBatchBottleneckElements / (s.tile * bottleneck), 1, s.frames);
-  s.up_frames = s.native_gemm && !s.brgemm ? batch_frames : 1;
+  auto batch_frames = [&](int64_t elements) {
+    return std::clamp<int64_t>(elements / (s.tile * bottleneck), 1, s.frames);
+  };
   const bool back_to_back = s.tile == s.patches && x.stride(1) == s.tokens * x.stride(2) && !s.widened_down;
-  s.down_frames = back_to_back ? s.up_frames : 1;
+  if (backward) {  // frame by frame
+    s.up_frames = s.down_frames = 1;
+  } else if (s.brgemm) {  // one brgemm call per frame: any run of frames, no bit changes
+    s.up_frames = s.down_frames = batch_frames(kBrgemmBatchElements);
+  } else {
+    s.up_frames = s.native_gemm ? batch_frames(kBatchBottleneckElements) : 1;
+    s.down_frames = back_to_back ? s.up_frames : 1;
+  }
   s.ring_frames = s.kernel_t + s.down_frames - 1;
   return s;
 }
@@ -766,8 +786,8 @@ template <typename scalar_t>
 struct Scratch {
   float *ring_y = nullptr, *ring_dz = nullptr, *a = nullptr, *bottleneck_grad = nullptr;
   float *wide_x = nullptr, *wide_g = nullptr, *wide_out = nullptr, *row_u = nullptr;
-  // native_gemm only: a GEMM's 16-bit result (with brgemm: gathered token rows) and the 16-bit
-  // bottleneck operand of the forward's up-projection.
+  // native_gemm only: a GEMM's 16-bit result (with brgemm: token rows copied for a call) and the
+  // 16-bit bottleneck operand of the forward's up-projection (s.up_frames frames).
   scalar_t *narrow_out = nullptr, *narrow_a = nullptr;
   // native_gemm backward only: the weight-gradient operands of a chunk of frames (rows ordered by
   // frame, then patch), and their 16-bit product.
@@ -794,7 +814,7 @@ struct Scratch {
     const int64_t tile_ca = s.tile * s.bottleneck, tile_c = s.tile * s.channels;
     take(ring_y, s.ring_frames * tile_ca);
     take(row_u, std::max(s.channels, s.bottleneck));
-    if (!s.native_gemm) take(a, tile_ca);
+    if (!s.native_gemm) take(a, s.up_frames * tile_ca);
     if (!s.native_gemm || s.brgemm) take(wide_out, tile_c);
     if (!s.native_gemm || s.widened_down) take(wide_x, tile_c);
     if (backward) {
@@ -804,7 +824,8 @@ struct Scratch {
     }
     if (s.native_gemm) {
       const int64_t down_rows = (s.down_frames - 1) * s.tokens + s.tile;
-      take(narrow_out, std::max({s.tile * s.channels, down_rows * s.bottleneck, s.up_frames * tile_c}));
+      // brgemm: rows copied for a call (see brgemm_operand); else the library GEMMs' results
+      take(narrow_out, s.brgemm ? tile_c : std::max({tile_c, down_rows * s.bottleneck, s.up_frames * tile_c}));
       take(narrow_a, s.up_frames * tile_ca);
     }
     if (s.native_gemm && backward) {
@@ -919,18 +940,20 @@ void brgemm_token_rows(const Shape& s, const BrgemmWeight& b, const scalar_t* sr
 }
 
 // y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into the ring slot of each frame f in [f0, f1):
-// with several frames (s.down_frames > 1: frames back to back), one GEMM over their rows from
-// the first patch of f0 to the last of f1 - 1, the prefix rows between frames included and dropped.
+// through brgemm, one call per frame; else with several frames (s.down_frames > 1: frames back to
+// back), one GEMM over their rows from the first patch of f0 to the last of f1 - 1, the prefix rows
+// between frames included and dropped.
 template <typename scalar_t>
 void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>& x, int64_t b, int64_t f0,
                      int64_t f1, int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
   const int64_t ca = s.bottleneck;
   const float* bias = p.row_bias.data_ptr<float>() + b * ca;
   if (s.brgemm) {  // the float32 accumulator is the ring slot
-    TORCH_INTERNAL_ASSERT(f1 == f0 + 1, "stadapter_cpp: brgemm takes one frame at a time");
-    float* y = w.ring_y + s.y_slot(f0) * s.tile * ca;
-    brgemm_token_rows(s, p.down, x.row(b, f0, l0), x.stride_l, rows, y, w.wide_x, w.narrow_out);
-    add_row_bias(y, bias, rows, ca);
+    for (int64_t f = f0; f < f1; ++f) {
+      float* y = w.ring_y + s.y_slot(f) * s.tile * ca;
+      brgemm_token_rows(s, p.down, x.row(b, f, l0), x.stride_l, rows, y, w.wide_x, w.narrow_out);
+      add_row_bias(y, bias, rows, ca);
+    }
     return;
   }
   if (s.native_gemm && !s.widened_down) {
@@ -968,7 +991,7 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
   const float* up_bias = p.fc2_bias.data_ptr<float>();
   const int64_t first = std::max<int64_t>(0, t0 - s.half), last = std::min(s.frames, t1 + s.half);
   int64_t projected = first;  // frames [first, projected) are in the ring
-  int64_t up_first = t0;      // frames [up_first, t] wait in narrow_a for their up-projection
+  int64_t up_first = t0;      // frames [up_first, t] wait (in narrow_a, or a) for their up-projection
   // Step `step` makes sure frame `step` is projected down (with down_frames - 1 frames ahead) and
   // finishes frame `step - half`, whose window is complete.
   for (int64_t step = first; step < t1 + s.half; ++step) {
@@ -978,18 +1001,24 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
     }
     const int64_t t = step - s.half;
     if (t < t0) continue;
-    if (s.brgemm) {  // the float32 accumulator goes straight to the residual pass
+    const bool up_projects = t - up_first + 1 == s.up_frames || t == t1 - 1;  // the waiting frames' turn
+    if (s.brgemm) {  // one call per frame, its float32 accumulator straight to the residual pass
+      auto waiting_frames = [&](auto* a) {
+        conv_activation<A>(s, p, w.ring_y, t, rows, a + (t - up_first) * rows * ca, nullptr, w.row_u);
+        for (int64_t f = up_first; up_projects && f <= t; ++f) {
+          brgemm_rows(p.up, a + (f - up_first) * rows * ca, ca, rows, w.wide_out, c_dim);
+          residual_rows(s, out, x, b, f, l0, rows, w.wide_out, up_bias, scale);
+        }
+      };
       if (s.native_gemm) {
-        conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, nullptr, w.row_u);
-        brgemm_rows(p.up, w.narrow_a, ca, rows, w.wide_out, c_dim);
+        waiting_frames(w.narrow_a);
       } else {
-        conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u);
-        brgemm_rows(p.up, w.a, ca, rows, w.wide_out, c_dim);
+        waiting_frames(w.a);
       }
-      residual_rows(s, out, x, b, t, l0, rows, w.wide_out, up_bias, scale);
+      if (up_projects) up_first = t + 1;
     } else if (s.native_gemm) {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a + (t - up_first) * rows * ca, nullptr, w.row_u);
-      if (t - up_first + 1 == s.up_frames || t == t1 - 1) {  // one GEMM for the waiting frames
+      if (up_projects) {  // one GEMM for the waiting frames
         const int64_t count = t - up_first + 1;
         gemm(w.narrow_out, c_dim, block(w.narrow_a, count * rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
         for (int64_t f = up_first; f <= t; ++f) {
@@ -1266,7 +1295,8 @@ void st_adapter_forward_cpu(at::Tensor& out, const at::Tensor& x, const at::Tens
                             int64_t prefix, const std::string& activation, double scale, int64_t tile_patches,
                             bool native_gemm, bool brgemm, bool residual) {
   check_inputs(x, out);
-  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm, brgemm, residual);
+  const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm, brgemm, residual,
+                             /*backward=*/false);
   const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
                                   /*backward=*/false);
   const Activation act = parse_activation(activation);
@@ -1311,7 +1341,7 @@ st_adapter_backward_cpu(at::Tensor& dx, const at::Tensor& grad_out, const at::Te
   // GEMM; every other GEMM stays native (their rounding only scales what they feed). brgemm rounds
   // no y: it needs none of this.
   const Shape s = make_shape(x, conv_weight, fc1_weight.size(0), prefix, tile_patches, native_gemm, brgemm, residual,
-                             /*widened_down=*/act == Activation::kRelu);
+                             /*backward=*/true, /*widened_down=*/act == Activation::kRelu);
   const Params p = prepare_params(s, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, cond,
                                   /*backward=*/true);
   const int64_t groups = std::min(s.tiles, kMaxReductionGroups), ca = s.bottleneck, c_dim = s.channels;

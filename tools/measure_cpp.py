@@ -7,8 +7,9 @@
 Each ratio is printed with its target (met / NOT met): issue 4's, on a CPU with AMX issue 15's.
 Every result names the CPU (model, and which of avx2 / avx512f / avx512_bf16 / avx512_fp16 /
 amx_bf16 it has) and the GEMM path the cpp backend took (fused_cpp.gemm_path: brgemm/AMX,
-brgemm/AVX-512, brgemm/AVX2, oneDNN, MKL float32). First, per GEMM dtype, the per-call cost of torch.mm on one thread: one frame's
-196-row GEMM against a sixteenth of one 16-frame GEMM, for both GEMM shapes of the forward.
+brgemm/AVX-512, brgemm/AVX2, oneDNN, MKL float32). First, per GEMM dtype, the per-call cost of
+torch.mm on one thread: one frame's 196-row GEMM against a sixteenth of one 16-frame GEMM, for
+both GEMM shapes of the forward.
 `--gemm-paths` also times the cpp backend on every GEMM path this CPU has (forced, as the tests
 force them), and on an AVX-512 CPU its AVX2 copy of the kernels (fused_cpp.avx512 off).
 `--context` times one clip's cpp forward (the model modes' adapter call) right after itself, after

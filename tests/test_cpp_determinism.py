@@ -68,7 +68,7 @@ def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, brgemm,
 # project several frames per GEMM, in blocks that start where each run starts; at 196 x 200 two
 # frames make a block, so runs starting at odd frames shift every block by one frame. brgemm's
 # forward takes frames in runs of one weight's calls (8 frames at 196 x 384), 8 + 3 of 11 frames on
-# one thread, other runs on four.
+# one thread, other runs on four; its backward in runs of 3 frames, which wrap both rings (y, dz).
 SPLIT_CASES = [
     (Case(batch=1, frames=5, kernel_t=3, cond=True), 0),
     (Case(batch=1, frames=4, kernel_t=5), 0),
@@ -79,6 +79,8 @@ SPLIT_CASES = [
     (Case(batch=1, frames=9, kernel_t=5, dtype=torch.bfloat16, layout="btlc", prefix=2, tokens=12), 10),
     (Case(batch=1, frames=9, tokens=197, channels=32, bottleneck=200, dtype=torch.bfloat16), 196),
     (Case(batch=1, frames=11, tokens=197, channels=32, bottleneck=384, dtype=torch.bfloat16, cond=True), 196),
+    (Case(batch=1, frames=7, kernel_t=5, tokens=197, channels=32, bottleneck=384, dtype=torch.bfloat16,
+          activation="relu"), 196),
     (Case(batch=1, frames=6, tokens=17, channels=64, bottleneck=32, dtype=torch.bfloat16, residual=False), 0),
 ]
 SPLIT_GEMM_CASES = with_gemm_paths(SPLIT_CASES)

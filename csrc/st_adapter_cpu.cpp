@@ -21,8 +21,8 @@
 //    instructions) and return 16-bit results, which are widened for the element-wise work. Each
 //    GEMM output is rounded once, as nn.Linear in that dtype rounds it (except relu's backward,
 //    which recomputes y with a float32 GEMM, see st_adapter_backward_cpu). Weight gradients use
-//    one GEMM per chunk of frames (K = frames x rows): bfloat16's through MKL straight into the
-//    float32 partials, float16's into a 16-bit block that is added to them, so partial sums over
+//    one GEMM per chunk of frames (K = frames x rows), into a 16-bit block that is added to the
+//    float32 partials (on AMX, bfloat16's through MKL straight into them), so partial sums over
 //    chunks are never rounded.
 //
 // The tile GEMMs with a weight operand (the down- and up-projection, and the backward's
@@ -129,10 +129,6 @@ constexpr int64_t kBrgemmBatchElements = 8 * 200 * 384;
 // and dz) grow with the run: forward + backward with runs of 3 frames 0.97x the time of frame by
 // frame (2-4 frames 0.96-0.99x), with 8 frames 1.02-1.06x (same build, run length forced).
 constexpr int64_t kBrgemmBackwardBatchElements = 3 * 200 * 384;
-// Whether the native backward's weight-gradient GEMMs in this dtype write the float32 partials
-// themselves (see add_weight_grad), needing no 16-bit product block.
-template <typename T>
-constexpr bool kWeightGradInFloat32 = AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16>;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
 constexpr size_t round_up_to_alignment(size_t bytes) {
@@ -322,6 +318,14 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   }
   s.ring_frames = s.kernel_t + s.down_frames - 1;
   return s;
+}
+
+// Whether the native backward's weight-gradient GEMMs write the float32 partials themselves (see
+// add_weight_grad), needing no 16-bit product block: bfloat16 through MKL where brgemm serves it
+// (AMX), where that was measured; elsewhere (AMD's Zen 4 among them) oneDNN's GEMM as before.
+template <typename T>
+bool weight_grad_in_float32(const Shape& s) {
+  return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm;
 }
 
 // A (B, T, L, C) tensor with channel stride 1, addressed by row.
@@ -805,7 +809,7 @@ struct Scratch {
   // 16-bit bottleneck operand of the forward's up-projection (s.up_frames frames).
   scalar_t *narrow_out = nullptr, *narrow_a = nullptr;
   // native_gemm backward only: the weight-gradient operands of a chunk of frames (rows ordered by
-  // frame, then patch), and their 16-bit product (not with kWeightGradInFloat32).
+  // frame, then patch), and their 16-bit product (not with weight_grad_in_float32).
   scalar_t *frames_g = nullptr, *frames_a = nullptr, *frames_x = nullptr, *frames_dy = nullptr;
   scalar_t* weight_grad = nullptr;
 
@@ -848,7 +852,7 @@ struct Scratch {
       take(frames_x, s.grad_chunk * tile_c);
       take(frames_a, s.grad_chunk * tile_ca);
       take(frames_dy, s.grad_chunk * tile_ca);
-      if (!kWeightGradInFloat32<scalar_t>) take(weight_grad, s.channels * s.bottleneck);
+      if (!weight_grad_in_float32<scalar_t>(s)) take(weight_grad, s.channels * s.bottleneck);
     }
     return next - base;
   }
@@ -1055,7 +1059,7 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
 // ---------------------------------------------------------------------------------------------
 
 // d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k gathered 16-bit rows,
-// lhs (k x m) and rhs (k x n). bfloat16 with MKL: MKL's GEMM with a float32 result, into d_weight
+// lhs (k x m) and rhs (k x n). With weight_grad_in_float32: MKL's GEMM with a float32 result, into d_weight
 // (on the AMX Xeon, one thread, 768 x 1568 x 384: 0.75-0.8x the time of oneDNN's into bfloat16, whose
 // result then still needs the pass below); else one rounded product per chunk (`product`, m x n)
 // added to d_weight. Either way partial sums over chunks are never rounded.
@@ -1064,13 +1068,15 @@ void add_weight_grad(const Shape& s, float* d_weight, const scalar_t* lhs, int64
                      int64_t k, float alpha, bool assign, scalar_t* product) {
   if (s.brgemm) BrgemmScope::release(/*vnni=*/true);  // the library GEMM takes the tiles (see BrgemmScope)
 #if AT_MKL_ENABLED()
-  if constexpr (kWeightGradInFloat32<scalar_t>) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     constexpr int kRowMajor = 101, kNoTranspose = 111, kTranspose = 112;  // MKL's CBLAS_LAYOUT, CBLAS_TRANSPOSE
-    cblas_gemm_bf16bf16f32(kRowMajor, kTranspose, kNoTranspose, static_cast<int>(m), static_cast<int>(n),
-                           static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(lhs), static_cast<int>(m),
-                           reinterpret_cast<const uint16_t*>(rhs), static_cast<int>(n), assign ? 0.0f : 1.0f,
-                           d_weight, static_cast<int>(n));
-    return;
+    if (weight_grad_in_float32<scalar_t>(s)) {
+      cblas_gemm_bf16bf16f32(kRowMajor, kTranspose, kNoTranspose, static_cast<int>(m), static_cast<int>(n),
+                             static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(lhs), static_cast<int>(m),
+                             reinterpret_cast<const uint16_t*>(rhs), static_cast<int>(n), assign ? 0.0f : 1.0f,
+                             d_weight, static_cast<int>(n));
+      return;
+    }
   }
 #endif
   gemm(product, n, block(lhs, k, m, m).t(), block(rhs, k, n, n), alpha, 0.0f);

@@ -1168,7 +1168,8 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         // dy[u] = sum_j taps[j] * dz[u - j + half].
         const int64_t u_in_chunk = u % s.grad_chunk;
         float* dy = w.bottleneck_grad;
-        const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1)), j_hi = std::min(s.kernel_t, u + s.half + 1);
+        const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1));
+        const int64_t j_hi = std::min(s.kernel_t, u + s.half + 1);
         const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), /*ring_is_y=*/false, j_lo, j_hi,
                                         [&](int64_t j) { return u - j + s.half; });
         for (const auto r : c10::irange(rows)) {

@@ -22,8 +22,8 @@
 //    GEMM output is rounded once, as nn.Linear in that dtype rounds it (except relu's backward,
 //    which recomputes y with a float32 GEMM, see st_adapter_backward_cpu). Weight gradients use
 //    one GEMM per chunk of frames (K = frames x rows), into a 16-bit block that is added to the
-//    float32 partials (on AMX, bfloat16's through MKL straight into them), so partial sums over
-//    chunks are never rounded.
+//    float32 partials, so partial sums over chunks are never rounded (on AMX, bfloat16's run frame
+//    by frame through MKL, from the token rows straight into the partials).
 //
 // The tile GEMMs with a weight operand (the down- and up-projection, and the backward's
 // da = g @ fc2_weight and dx = dy @ fc1_weight) may instead run through ATen's batch-reduce GEMM
@@ -320,9 +320,10 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   return s;
 }
 
-// Whether the native backward's weight-gradient GEMMs write the float32 partials themselves (see
-// add_weight_grad), needing no 16-bit product block: bfloat16 through MKL where brgemm serves it
-// (AMX), where that was measured; elsewhere (AMD's Zen 4 among them) oneDNN's GEMM as before.
+// Whether the native backward's weight-gradient GEMMs run frame by frame from the token rows where
+// they lie, straight into the float32 partials (see add_weight_grad_rows), with no chunk of gathered
+// operands: bfloat16 through MKL where brgemm serves it (AMX), where that was measured; elsewhere
+// (AMD's Zen 4 among them) oneDNN's GEMM over gathered chunks.
 template <typename T>
 bool weight_grad_in_float32(const Shape& s) {
   return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm;
@@ -809,7 +810,7 @@ struct Scratch {
   // 16-bit bottleneck operand of the forward's up-projection (s.up_frames frames).
   scalar_t *narrow_out = nullptr, *narrow_a = nullptr;
   // native_gemm backward only: the weight-gradient operands of a chunk of frames (rows ordered by
-  // frame, then patch), and their 16-bit product (not with weight_grad_in_float32).
+  // frame, then patch), and their 16-bit product (none with weight_grad_in_float32).
   scalar_t *frames_g = nullptr, *frames_a = nullptr, *frames_x = nullptr, *frames_dy = nullptr;
   scalar_t* weight_grad = nullptr;
 
@@ -847,12 +848,12 @@ struct Scratch {
       take(narrow_out, s.brgemm ? tile_c : std::max({tile_c, down_rows * s.bottleneck, s.up_frames * tile_c}));
       take(narrow_a, s.up_frames * tile_ca);
     }
-    if (s.native_gemm && backward) {
+    if (s.native_gemm && backward && !weight_grad_in_float32<scalar_t>(s)) {
       take(frames_g, s.grad_chunk * tile_c);
       take(frames_x, s.grad_chunk * tile_c);
       take(frames_a, s.grad_chunk * tile_ca);
       take(frames_dy, s.grad_chunk * tile_ca);
-      if (!weight_grad_in_float32<scalar_t>(s)) take(weight_grad, s.channels * s.bottleneck);
+      take(weight_grad, s.channels * s.bottleneck);
     }
     return next - base;
   }
@@ -1059,28 +1060,37 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
 // ---------------------------------------------------------------------------------------------
 
 // d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k gathered 16-bit rows,
-// lhs (k x m) and rhs (k x n). With weight_grad_in_float32: MKL's GEMM with a float32 result, into d_weight
-// (on the AMX Xeon, one thread, 768 x 1568 x 384: 0.75-0.8x the time of oneDNN's into bfloat16, whose
-// result then still needs the pass below); else one rounded product per chunk (`product`, m x n)
-// added to d_weight. Either way partial sums over chunks are never rounded.
+// lhs (k x m) and rhs (k x n), through one rounded product per chunk (`product`, m x n): partial
+// sums over chunks are never rounded.
 template <typename scalar_t>
 void add_weight_grad(const Shape& s, float* d_weight, const scalar_t* lhs, int64_t m, const scalar_t* rhs, int64_t n,
                      int64_t k, float alpha, bool assign, scalar_t* product) {
-  if (s.brgemm) BrgemmScope::release(/*vnni=*/true);  // the library GEMM takes the tiles (see BrgemmScope)
-#if AT_MKL_ENABLED()
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    constexpr int kRowMajor = 101, kNoTranspose = 111, kTranspose = 112;  // MKL's CBLAS_LAYOUT, CBLAS_TRANSPOSE
-    if (weight_grad_in_float32<scalar_t>(s)) {
-      cblas_gemm_bf16bf16f32(kRowMajor, kTranspose, kNoTranspose, static_cast<int>(m), static_cast<int>(n),
-                             static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(lhs), static_cast<int>(m),
-                             reinterpret_cast<const uint16_t*>(rhs), static_cast<int>(n), assign ? 0.0f : 1.0f,
-                             d_weight, static_cast<int>(n));
-      return;
-    }
-  }
-#endif
+  if (s.brgemm) BrgemmScope::release(/*vnni=*/true);  // oneDNN's GEMM takes the tiles (see BrgemmScope)
   gemm(product, n, block(lhs, k, m, m).t(), block(rhs, k, n, n), alpha, 0.0f);
   accumulate_widened(d_weight, product, m * n, assign);
+}
+
+// The same over one frame's k bfloat16 token rows where they lie, lhs (k x m) and rhs (k x n) rows
+// ld_lhs and ld_rhs apart, through MKL's GEMM with a float32 result straight into d_weight (see
+// weight_grad_in_float32). On the AMX Xeon, one thread, 768 x 384 over 8 frames of 196 rows: 0.75-0.8x
+// the time of oneDNN's over the chunk into bfloat16 (whose product then still needs adding), and
+// frame by frame as fast as one call over the chunk; in the kernel, with no chunks to gather,
+// forward + backward take 0.94x the time of oneDNN's chunks (same build, path forced).
+template <typename scalar_t>
+void add_weight_grad_rows(float* d_weight, const scalar_t* lhs, int64_t ld_lhs, int64_t m, const scalar_t* rhs,
+                          int64_t ld_rhs, int64_t n, int64_t k, float alpha, bool assign) {
+#if AT_MKL_ENABLED()
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    BrgemmScope::release(/*vnni=*/true);  // MKL's GEMM takes the tiles (see BrgemmScope)
+    constexpr int kRowMajor = 101, kNoTranspose = 111, kTranspose = 112;  // MKL's CBLAS_LAYOUT, CBLAS_TRANSPOSE
+    cblas_gemm_bf16bf16f32(kRowMajor, kTranspose, kNoTranspose, static_cast<int>(m), static_cast<int>(n),
+                           static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(lhs), static_cast<int>(ld_lhs),
+                           reinterpret_cast<const uint16_t*>(rhs), static_cast<int>(ld_rhs), assign ? 0.0f : 1.0f,
+                           d_weight, static_cast<int>(n));
+    return;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: frame-by-frame weight gradients are MKL's bfloat16 GEMM's");
 }
 
 // Float32 accumulators of one reduction group (matrices) and of one tile (vectors).
@@ -1105,6 +1115,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
   float* d_bottleneck = partials.bottleneck[tile_index].data_ptr<float>();
   const float* taps = p.taps.data_ptr<float>();
   bool first_fc2 = first_in_group, first_fc1 = first_in_group;
+  const bool frame_grads = weight_grad_in_float32<scalar_t>(s);  // else native: over gathered chunks
 
   // Step `step`: down-project frame `step`; take frame t = step - half through the conv,
   // activation and up-projection gradients (its y window is complete); take frame
@@ -1123,7 +1134,12 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         const int64_t t_in_chunk = t % s.grad_chunk;
         // d_up = scale * g: d fc2_bias += sum d_up, da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a.
         at::Tensor g_block;  // g as the GEMMs' operand: the rows, their native-path copy, or widened
-        if (s.native_gemm) {
+        if (frame_grads) {  // the rows for da and d fc2_weight, copied only where they overlap
+          add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale);
+          int64_t ld = 0;
+          const scalar_t* operand = brgemm_operand(g_rows, g.stride_l, rows, c_dim, w.narrow_out, &ld);  // sets ld first
+          g_block = block(operand, rows, c_dim, ld);
+        } else if (s.native_gemm) {
           // g gathered for d fc2_weight (and brgemm's da) in the column-sum pass.
           scalar_t* gathered = w.frames_g + t_in_chunk * rows * c_dim;
           add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, gathered);
@@ -1135,7 +1151,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         float da_scale = 1.0f;
         if (s.brgemm) {  // the float32 accumulator is da; the scale is applied where dz reads it
           if (s.native_gemm) {
-            brgemm_rows(p.up_grad, g_block.const_data_ptr<scalar_t>(), c_dim, rows, w.bottleneck_grad, ca);
+            brgemm_rows(p.up_grad, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), rows, w.bottleneck_grad, ca);
           } else {
             int64_t ld = 0;
             const float* rows_f32 =
@@ -1148,7 +1164,12 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         }
         // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
         const ConvBackward conv_backward{w.bottleneck_grad, da_scale, w.ring_dz + s.dz_slot(t) * slot_size, d_conv};
-        if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
+        if (frame_grads) {
+          conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, &conv_backward, w.row_u);
+          add_weight_grad_rows(d_fc2_weight, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), c_dim, w.narrow_a,
+                               ca, ca, rows, scale, first_fc2);
+          first_fc2 = false;
+        } else if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
           conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
           if (s.ends_grad_chunk(t)) {
             add_weight_grad(s, d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale,
@@ -1184,9 +1205,15 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         }
         add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f);
         const scalar_t* x_rows = x.row(b, u, l0);
-        const at::Tensor dy_block =
-            bottleneck_operand(s, dy, rows, s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);
-        if (s.native_gemm) {  // d fc1_weight waits for the chunk's last frame
+        const at::Tensor dy_block = bottleneck_operand(
+            s, dy, rows, frame_grads ? w.narrow_a : s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);
+        if (frame_grads) {  // x's rows, copied only where they overlap
+          int64_t ld = 0;
+          const scalar_t* x_operand = brgemm_operand(x_rows, x.stride_l, rows, c_dim, w.narrow_out, &ld);
+          add_weight_grad_rows(d_fc1_weight, dy_block.const_data_ptr<scalar_t>(), ca, ca, x_operand, ld, c_dim, rows,
+                               1.0f, first_fc1);
+          first_fc1 = false;
+        } else if (s.native_gemm) {  // d fc1_weight waits for the chunk's last frame
           copy_rows(w.frames_x + u_in_chunk * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
         } else {
           const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x);
@@ -1209,7 +1236,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
           residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
         }
         if (p0 == 0) prefix_rows(s, dx, g, b, u);
-        if (s.native_gemm && s.ends_grad_chunk(u)) {
+        if (s.native_gemm && !frame_grads && s.ends_grad_chunk(u)) {
           add_weight_grad(s, d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f,
                           first_fc1, w.weight_grad);
           first_fc1 = false;

@@ -132,9 +132,15 @@ def test_compile_fullgraph_with_the_cpp_backend():
         assert torch.equal(c, e)
 
 
-def test_broadcast_grad_out_with_zero_row_strides():
+# Every GEMM path: brgemm and MKL's frame-by-frame weight gradients take rows that must not overlap.
+BROADCAST_GRID = with_gemm_paths([(BASE.with_(cond=True), 0),
+                                  (BASE.with_(cond=True, channels=64, bottleneck=48, dtype=torch.bfloat16), 0)])
+
+
+@pytest.mark.parametrize("case, tile, native_gemm, brgemm", BROADCAST_GRID, ids=str)
+def test_broadcast_grad_out_with_zero_row_strides(case, tile, native_gemm, brgemm, monkeypatch):
     """grad_out of (out * w).sum() is w expanded over (B*T, L): row strides 0, channel stride 1."""
-    case = BASE.with_(cond=True)
+    force_gemm_path(monkeypatch, case.dtype, tile, native_gemm, brgemm)
     inputs = make_inputs(case, seed=4)
     weight = torch.randn(case.channels, dtype=torch.float64)
 

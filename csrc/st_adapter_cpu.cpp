@@ -121,22 +121,16 @@ constexpr int64_t kBatchBottleneckElements = 4 * 200 * 128;
 // up-projections of the frames waiting for them), so that the run's bottleneck block is about this
 // many elements. A 196-row brgemm call takes ~25 us longer when its 590 KB weight comes back from
 // L3 rather than L2, and frame by frame each weight evicts the other; in runs, one call a run pays.
-// bf16, Ca = 384, B = 2, 2 threads on the AMX Xeon (same build, run length forced): runs of 8 frames
-// take 0.88-0.92x the forward's time frame by frame, of 4 0.89-0.93x, of 2 0.95-0.97x. Each GEMM
-// stays one frame's call, so no bit changes.
+// bf16, Ca = 384, B = 2, 2 threads on the AMX Xeon (same build, run length forced, each candidate
+// timed right after the same cache-evicting GEMMs, in both orders): runs of 8 frames take 0.91x the
+// forward's time frame by frame. Each GEMM stays one frame's call, so no bit changes. (The backward,
+// in blocks of steps that give each of its three weights a run, measured no faster: not done.)
 constexpr int64_t kBrgemmBatchElements = 8 * 200 * 384;
-// The same for the backward's three brgemm weights (see backward_tile), whose two float32 rings (y
-// and dz) grow with the run: forward + backward with runs of 3 frames 0.97x the time of frame by
-// frame (2-4 frames 0.96-0.99x), with 8 frames 1.02-1.06x (same build, run length forced).
-constexpr int64_t kBrgemmBackwardBatchElements = 3 * 200 * 384;
 // Rows per up-projection call of the brgemm forward, each call's float32 result (rows x C) read by
-// the residual pass while in L1/L2 rather than a whole frame's (600 KB at 196 x 768) from L3. On
-// the AMX Xeon (same build, rows forced) 64 rows take 0.96-0.99x the forward's time of a frame per
-// call in bf16 (32 rows 0.96-0.98x at Ca = 384, 0.98x at 128), 0.96x in float32 at Ca = 128.
+// the residual pass while in L1/L2 rather than a whole frame's (600 KB at 196 x 768) from L3: 0.98x
+// the bf16 forward's time of a frame per call (Ca = 384, measured as kBrgemmBatchElements). The
+// backward's dx = dy @ fc1_weight in blocks of 32 or 64 rows, and its da, measured no faster.
 constexpr int64_t kBrgemmUpRows = 64;
-// The same for the backward's dx = dy @ fc1_weight and its residual pass: 32 rows take 0.91-0.93x
-// forward + backward's time of a frame per call (48 rows 0.92x, 64 rows 0.95-0.96x), bf16 Ca = 384.
-constexpr int64_t kBrgemmDxRows = 32;
 // Alignment of every scratch buffer: a cache line, and enough for any vector load.
 constexpr size_t kArenaAlignment = 64;
 constexpr size_t round_up_to_alignment(size_t bytes) {
@@ -256,17 +250,16 @@ struct Shape {
   int64_t grad_chunk;       // frames per weight-gradient GEMM of the native backward
   int64_t up_frames;        // frames per up-projection GEMM of the forward (brgemm: per run of calls)
   int64_t down_frames;      // frames per down-projection GEMM of the forward (back-to-back rows only;
-                            // brgemm: per run of calls, forward and backward)
-  int64_t ring_frames;      // frames alive in the y ring (and the backward's dz ring): kt, plus a run's
-                            // frames projected ahead
+                            // brgemm: per run of calls)
+  int64_t ring_frames;      // frames of y alive in the ring: kt, plus the frames projected ahead
 
   int64_t video_of(int64_t tile_index) const { return tile_index / tiles_per_video; }
   int64_t first_patch(int64_t tile_index) const { return (tile_index % tiles_per_video) * tile; }
   int64_t rows_of(int64_t tile_index) const { return std::min(tile, patches - first_patch(tile_index)); }
   // Ring-buffer slots of frame f: the y ring holds the window and the frames projected ahead, the
-  // dz ring of the backward the last kt frames and those of a run ahead (see backward_tile).
+  // dz ring of the backward the last kt frames.
   int64_t y_slot(int64_t frame) const { return frame % ring_frames; }
-  int64_t dz_slot(int64_t frame) const { return frame % ring_frames; }
+  int64_t dz_slot(int64_t frame) const { return frame % kernel_t; }
   // Whether frame f is the last of its weight-gradient chunk (native backward).
   bool ends_grad_chunk(int64_t frame) const { return frame % grad_chunk == grad_chunk - 1 || frame == frames - 1; }
   // The taps j whose frame t + j - half lies in the clip (zero padding in T elsewhere).
@@ -315,9 +308,8 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
     return std::clamp<int64_t>(elements / (s.tile * bottleneck), 1, s.frames);
   };
   const bool back_to_back = s.tile == s.patches && x.stride(1) == s.tokens * x.stride(2) && !s.widened_down;
-  if (backward) {  // runs of steps with brgemm (see backward_tile), else frame by frame
-    s.up_frames = 1;
-    s.down_frames = s.brgemm ? batch_frames(kBrgemmBackwardBatchElements) : 1;
+  if (backward) {  // frame by frame
+    s.up_frames = s.down_frames = 1;
   } else if (s.brgemm) {  // one brgemm call per frame: any run of frames, no bit changes
     s.up_frames = s.down_frames = batch_frames(kBrgemmBatchElements);
   } else {
@@ -846,7 +838,7 @@ struct Scratch {
     if (!s.native_gemm || s.brgemm) take(wide_out, tile_c);
     if (!s.native_gemm || s.widened_down) take(wide_x, tile_c);
     if (backward) {
-      take(ring_dz, s.ring_frames * tile_ca);
+      take(ring_dz, s.kernel_t * tile_ca);
       take(bottleneck_grad, tile_ca);
       if (!s.native_gemm) take(wide_g, tile_c);
     }
@@ -1130,131 +1122,121 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
 
   // Step `step`: down-project frame `step`; take frame t = step - half through the conv,
   // activation and up-projection gradients (its y window is complete); take frame
-  // u = step - 2 half through the conv-input gradient (its dz window is complete) and fc1. Steps
-  // run in blocks of s.down_frames (brgemm: one weight's calls in a run, see
-  // kBrgemmBackwardBatchElements), each block's down-projections first, then its frames t, then its
-  // frames u: every frame's work and every sum's order stay those of step by step.
-  const int64_t steps = s.frames + 2 * s.half;
-  for (int64_t block0 = 0; block0 < steps; block0 += s.down_frames) {
-    const int64_t block1 = std::min(steps, block0 + s.down_frames);
-    if (block0 < s.frames) down_projection(s, p, x, b, block0, std::min(block1, s.frames), l0, rows, w);
-    for (int64_t step = block0; step < block1; ++step) {
-      const int64_t t = step - s.half;
-      if (t >= 0 && t < s.frames) {
-        const scalar_t* g_rows = g.row(b, t, l0);
-        const int64_t t_in_chunk = t % s.grad_chunk;
-        // d_up = scale * g: d fc2_bias += sum d_up, da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a.
-        at::Tensor g_block;  // g as the GEMMs' operand: the rows, their native-path copy, or widened
-        if (frame_grads) {  // the rows for da and d fc2_weight, copied only where they overlap
-          add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale);
+  // u = step - 2 half through the conv-input gradient (its dz window is complete) and fc1.
+  for (int64_t step = 0; step < s.frames + 2 * s.half; ++step) {
+    if (step < s.frames) down_projection(s, p, x, b, step, step + 1, l0, rows, w);
+
+    const int64_t t = step - s.half;
+    if (t >= 0 && t < s.frames) {
+      const scalar_t* g_rows = g.row(b, t, l0);
+      const int64_t t_in_chunk = t % s.grad_chunk;
+      // d_up = scale * g: d fc2_bias += sum d_up, da = d_up @ fc2_weight, d fc2_weight += d_up.T @ a.
+      at::Tensor g_block;  // g as the GEMMs' operand: the rows, their native-path copy, or widened
+      if (frame_grads) {  // the rows for da and d fc2_weight, copied only where they overlap
+        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale);
+        int64_t ld = 0;
+        const scalar_t* operand = brgemm_operand(g_rows, g.stride_l, rows, c_dim, w.narrow_out, &ld);  // sets ld first
+        g_block = block(operand, rows, c_dim, ld);
+      } else if (s.native_gemm) {
+        // g gathered for d fc2_weight (and brgemm's da) in the column-sum pass.
+        scalar_t* gathered = w.frames_g + t_in_chunk * rows * c_dim;
+        add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, gathered);
+        g_block = s.brgemm ? block(gathered, rows, c_dim, c_dim) : block(g_rows, rows, c_dim, g.stride_l);
+      } else {
+        g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
+        add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale);
+      }
+      float da_scale = 1.0f;
+      if (s.brgemm) {  // the float32 accumulator is da; the scale is applied where dz reads it
+        if (s.native_gemm) {
+          brgemm_rows(p.up_grad, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), rows, w.bottleneck_grad, ca);
+        } else {
           int64_t ld = 0;
-          const scalar_t* operand = brgemm_operand(g_rows, g.stride_l, rows, c_dim, w.narrow_out, &ld);  // sets ld first
-          g_block = block(operand, rows, c_dim, ld);
-        } else if (s.native_gemm) {
-          // g gathered for d fc2_weight (and brgemm's da) in the column-sum pass.
-          scalar_t* gathered = w.frames_g + t_in_chunk * rows * c_dim;
-          add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale, gathered);
-          g_block = s.brgemm ? block(gathered, rows, c_dim, c_dim) : block(g_rows, rows, c_dim, g.stride_l);
-        } else {
-          g_block = rows_operand(s, g_rows, g.stride_l, rows, w.wide_g);
-          add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale);
+          const float* rows_f32 =
+              brgemm_operand(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
+          brgemm_rows(p.up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
         }
-        float da_scale = 1.0f;
-        if (s.brgemm) {  // the float32 accumulator is da; the scale is applied where dz reads it
-          if (s.native_gemm) {
-            brgemm_rows(p.up_grad, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), rows, w.bottleneck_grad, ca);
-          } else {
-            int64_t ld = 0;
-            const float* rows_f32 =
-                brgemm_operand(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
-            brgemm_rows(p.up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
-          }
-          da_scale = scale;
-        } else {
-          gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
-        }
-        // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
-        const ConvBackward conv_backward{w.bottleneck_grad, da_scale, w.ring_dz + s.dz_slot(t) * slot_size, d_conv};
-        if (frame_grads) {
-          conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, &conv_backward, w.row_u);
-          add_weight_grad_rows(d_fc2_weight, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), c_dim, w.narrow_a,
-                               ca, ca, rows, scale, first_fc2);
-          first_fc2 = false;
-        } else if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
-          conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
-          if (s.ends_grad_chunk(t)) {
-            add_weight_grad(s, d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale,
-                            first_fc2, w.weight_grad);
-            first_fc2 = false;
-          }
-        } else {
-          conv_activation<A>(s, p, w.ring_y, t, rows, w.a, &conv_backward, w.row_u);
-          gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
+        da_scale = scale;
+      } else {
+        gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
+      }
+      // dz (kept in the ring for the conv-input gradient) and the conv gradients, with a.
+      const ConvBackward conv_backward{w.bottleneck_grad, da_scale, w.ring_dz + s.dz_slot(t) * slot_size, d_conv};
+      if (frame_grads) {
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.narrow_a, &conv_backward, w.row_u);
+        add_weight_grad_rows(d_fc2_weight, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), c_dim, w.narrow_a,
+                             ca, ca, rows, scale, first_fc2);
+        first_fc2 = false;
+      } else if (s.native_gemm) {  // d fc2_weight waits for the chunk's last frame
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.frames_a + t_in_chunk * rows * ca, &conv_backward, w.row_u);
+        if (s.ends_grad_chunk(t)) {
+          add_weight_grad(s, d_fc2_weight, w.frames_g, c_dim, w.frames_a, ca, (t_in_chunk + 1) * rows, scale,
+                          first_fc2, w.weight_grad);
           first_fc2 = false;
         }
+      } else {
+        conv_activation<A>(s, p, w.ring_y, t, rows, w.a, &conv_backward, w.row_u);
+        gemm(d_fc2_weight, ca, g_block.t(), block(w.a, rows, ca, ca), scale, first_fc2 ? 0.0f : 1.0f);
+        first_fc2 = false;
       }
     }
-    for (int64_t step = block0; step < block1; ++step) {
-      const int64_t u = step - 2 * s.half;
-      if (u >= 0) {
-        // dy[u] = sum_j taps[j] * dz[u - j + half].
-        const int64_t u_in_chunk = u % s.grad_chunk;
-        float* dy = w.bottleneck_grad;
-        const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1));
-        const int64_t j_hi = std::min(s.kernel_t, u + s.half + 1);
-        const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), /*ring_is_y=*/false, j_lo, j_hi,
-                                        [&](int64_t j) { return u - j + s.half; });
-        for (const auto r : c10::irange(rows)) {
-          for (int64_t c = 0; c < ca; c += kVec) {
-            const int64_t n = std::min(kVec, ca - c);
-            Vec acc(0.0f);
-            for (int64_t j = j_lo; j < j_hi; ++j) {
-              acc = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(window[j - j_lo] + r * ca + c, n), acc);
-            }
-            acc.store(dy + r * ca + c, n);
+
+    const int64_t u = step - 2 * s.half;
+    if (u >= 0) {
+      // dy[u] = sum_j taps[j] * dz[u - j + half].
+      const int64_t u_in_chunk = u % s.grad_chunk;
+      float* dy = w.bottleneck_grad;
+      const int64_t j_lo = std::max<int64_t>(0, u + s.half - (s.frames - 1));
+      const int64_t j_hi = std::min(s.kernel_t, u + s.half + 1);
+      const auto window = ring_blocks(s, static_cast<const float*>(w.ring_dz), /*ring_is_y=*/false, j_lo, j_hi,
+                                      [&](int64_t j) { return u - j + s.half; });
+      for (const auto r : c10::irange(rows)) {
+        for (int64_t c = 0; c < ca; c += kVec) {
+          const int64_t n = std::min(kVec, ca - c);
+          Vec acc(0.0f);
+          for (int64_t j = j_lo; j < j_hi; ++j) {
+            acc = at::vec::fmadd(Vec::loadu(taps + j * ca + c, n), Vec::loadu(window[j - j_lo] + r * ca + c, n), acc);
           }
+          acc.store(dy + r * ca + c, n);
         }
-        add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f);
-        const scalar_t* x_rows = x.row(b, u, l0);
-        const at::Tensor dy_block = bottleneck_operand(
-            s, dy, rows, frame_grads ? w.narrow_a : s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);
-        if (frame_grads) {  // x's rows, copied only where they overlap
-          int64_t ld = 0;
-          const scalar_t* x_operand = brgemm_operand(x_rows, x.stride_l, rows, c_dim, w.narrow_out, &ld);
-          add_weight_grad_rows(d_fc1_weight, dy_block.const_data_ptr<scalar_t>(), ca, ca, x_operand, ld, c_dim, rows,
-                               1.0f, first_fc1);
-          first_fc1 = false;
-        } else if (s.native_gemm) {  // d fc1_weight waits for the chunk's last frame
-          copy_rows(w.frames_x + u_in_chunk * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
+      }
+      add_column_sums(d_bottleneck, dy, ca, rows, ca, 1.0f);
+      const scalar_t* x_rows = x.row(b, u, l0);
+      const at::Tensor dy_block = bottleneck_operand(
+          s, dy, rows, frame_grads ? w.narrow_a : s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);
+      if (frame_grads) {  // x's rows, copied only where they overlap
+        int64_t ld = 0;
+        const scalar_t* x_operand = brgemm_operand(x_rows, x.stride_l, rows, c_dim, w.narrow_out, &ld);
+        add_weight_grad_rows(d_fc1_weight, dy_block.const_data_ptr<scalar_t>(), ca, ca, x_operand, ld, c_dim, rows,
+                             1.0f, first_fc1);
+        first_fc1 = false;
+      } else if (s.native_gemm) {  // d fc1_weight waits for the chunk's last frame
+        copy_rows(w.frames_x + u_in_chunk * rows * c_dim, c_dim, x_rows, x.stride_l, rows, c_dim);
+      } else {
+        const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x);
+        gemm(d_fc1_weight, c_dim, dy_block.t(), x_block, 1.0f, first_fc1 ? 0.0f : 1.0f);
+        first_fc1 = false;
+      }
+      // dx = g + dy @ fc1_weight (without s.residual, no g), the residual fused into the epilogue.
+      if (s.brgemm) {
+        if (s.native_gemm) {
+          brgemm_rows(p.down_grad, dy_block.const_data_ptr<scalar_t>(), ca, rows, w.wide_out, c_dim);
         } else {
-          const at::Tensor x_block = rows_operand(s, x_rows, x.stride_l, rows, w.wide_x);
-          gemm(d_fc1_weight, c_dim, dy_block.t(), x_block, 1.0f, first_fc1 ? 0.0f : 1.0f);
-          first_fc1 = false;
+          brgemm_rows(p.down_grad, dy, ca, rows, w.wide_out, c_dim);
         }
-        // dx = g + dy @ fc1_weight (without s.residual, no g), the residual fused into the epilogue.
-        if (s.brgemm) {  // in calls of kBrgemmDxRows rows, as the forward's up-projection
-          for (int64_t r0 = 0; r0 < rows; r0 += kBrgemmDxRows) {
-            const int64_t m = std::min(kBrgemmDxRows, rows - r0);
-            if (s.native_gemm) {
-              brgemm_rows(p.down_grad, dy_block.const_data_ptr<scalar_t>() + r0 * ca, ca, m, w.wide_out, c_dim);
-            } else {
-              brgemm_rows(p.down_grad, dy + r0 * ca, ca, m, w.wide_out, c_dim);
-            }
-            residual_rows(s, dx, g, b, u, l0 + r0, m, w.wide_out, nullptr, 1.0f);
-          }
-        } else if (s.native_gemm) {
-          gemm(w.narrow_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
-          residual_rows(s, dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f);
-        } else {
-          gemm(w.wide_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
-          residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
-        }
-        if (p0 == 0) prefix_rows(s, dx, g, b, u);
-        if (s.native_gemm && !frame_grads && s.ends_grad_chunk(u)) {
-          add_weight_grad(s, d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f,
-                          first_fc1, w.weight_grad);
-          first_fc1 = false;
-        }
+        residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
+      } else if (s.native_gemm) {
+        gemm(w.narrow_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
+        residual_rows(s, dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f);
+      } else {
+        gemm(w.wide_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
+        residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
+      }
+      if (p0 == 0) prefix_rows(s, dx, g, b, u);
+      if (s.native_gemm && !frame_grads && s.ends_grad_chunk(u)) {
+        add_weight_grad(s, d_fc1_weight, w.frames_dy, ca, w.frames_x, c_dim, (u_in_chunk + 1) * rows, 1.0f,
+                        first_fc1, w.weight_grad);
+        first_fc1 = false;
       }
     }
   }

@@ -68,7 +68,7 @@ def test_bit_identical_with_one_and_two_threads(case, tile, native_gemm, brgemm,
 # project several frames per GEMM, in blocks that start where each run starts; at 196 x 200 two
 # frames make a block, so runs starting at odd frames shift every block by one frame. brgemm's
 # forward takes frames in runs of one weight's calls (8 frames at 196 x 384), 8 + 3 of 11 frames on
-# one thread, other runs on four; its backward in runs of 3 frames, which wrap both rings (y, dz).
+# one thread, other runs on four, and with kt = 5 a ring of kt + 7 frames.
 SPLIT_CASES = [
     (Case(batch=1, frames=5, kernel_t=3, cond=True), 0),
     (Case(batch=1, frames=4, kernel_t=5), 0),

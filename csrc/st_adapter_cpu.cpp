@@ -1078,7 +1078,8 @@ void add_weight_grad(const Shape& s, float* d_weight, const scalar_t* lhs, int64
 // weight_grad_in_float32). On the AMX Xeon, one thread, 768 x 384 over 8 frames of 196 rows: 0.75-0.8x
 // the time of oneDNN's over the chunk into bfloat16 (whose product then still needs adding), and
 // frame by frame as fast as one call over the chunk; in the kernel, with no chunks to gather,
-// forward + backward take 0.94x the time of oneDNN's chunks (same build, path forced).
+// forward + backward take 0.96-0.98x the time of oneDNN's chunks (same build, path forced, each
+// candidate after the same cache-evicting GEMMs, both orders).
 template <typename scalar_t>
 void add_weight_grad_rows(float* d_weight, const scalar_t* lhs, int64_t ld_lhs, int64_t m, const scalar_t* rhs,
                           int64_t ld_rhs, int64_t n, int64_t k, float alpha, bool assign) {

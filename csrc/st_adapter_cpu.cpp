@@ -324,13 +324,19 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   return s;
 }
 
+// Tile rows at least for frame-by-frame weight gradients (weight_grad_in_float32): on the AMX Xeon,
+// forward + backward with 196-row tiles (2 clips) 0.96-0.98x the time of oneDNN's chunks, with 98-row
+// tiles (1 clip) 1.07x, MKL's GEMM over one frame's 98 rows being the slower one there.
+constexpr int64_t kFrameWeightGradRows = 192;
+
 // Whether the native backward's weight-gradient GEMMs run frame by frame from the token rows where
 // they lie, straight into the float32 partials (see add_weight_grad_rows), with no chunk of gathered
-// operands: bfloat16 through MKL where brgemm serves it (AMX), where that was measured; elsewhere
-// (AMD's Zen 4 among them) oneDNN's GEMM over gathered chunks.
+// operands: bfloat16 through MKL where brgemm serves it (AMX) and tiles are whole ViT-B frames, where
+// that was measured faster; elsewhere (AMD's Zen 4 among them) oneDNN's GEMM over gathered chunks.
 template <typename T>
 bool weight_grad_in_float32(const Shape& s) {
-  return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm;
+  return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm &&
+         s.tile >= kFrameWeightGradRows;
 }
 
 // A (B, T, L, C) tensor with channel stride 1, addressed by row.

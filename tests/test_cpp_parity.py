@@ -132,14 +132,17 @@ def test_compile_fullgraph_with_the_cpp_backend():
         assert torch.equal(c, e)
 
 
-# Every GEMM path: brgemm and MKL's frame-by-frame weight gradients take rows that must not overlap.
+# Every GEMM path: brgemm and MKL's frame-by-frame weight gradients (whole 196-patch frames as tiles,
+# widths AMX takes) take rows that must not overlap.
 BROADCAST_GRID = with_gemm_paths([(BASE.with_(cond=True), 0),
-                                  (BASE.with_(cond=True, channels=64, bottleneck=48, dtype=torch.bfloat16), 0)])
+                                  (BASE.with_(cond=True, tokens=197, channels=32, bottleneck=48,
+                                              dtype=torch.bfloat16), 0)])
 
 
 @pytest.mark.parametrize("case, tile, native_gemm, brgemm", BROADCAST_GRID, ids=str)
 def test_broadcast_grad_out_with_zero_row_strides(case, tile, native_gemm, brgemm, monkeypatch):
-    """grad_out of (out * w).sum() is w expanded over (B*T, L): row strides 0, channel stride 1."""
+    """grad_out w expanded over (B*T, L): row strides 0, channel stride 1, as autograd hands an
+    expanded grad_outputs to the op (checked below: the kernel sees those strides)."""
     force_gemm_path(monkeypatch, case.dtype, tile, native_gemm, brgemm)
     inputs = make_inputs(case, seed=4)
     weight = torch.randn(case.channels, dtype=torch.float64)
@@ -149,9 +152,14 @@ def test_broadcast_grad_out_with_zero_row_strides(case, tile, native_gemm, brgem
         named = dict(zip([n for n in INPUT_NAMES if inputs[n] is not None], leaves))
         extra = {"backend": "cpp"} if fn is sk.st_adapter else {}
         out = call(fn, {n: named.get(n) for n in INPUT_NAMES}, case, **extra)
-        return torch.autograd.grad((out * weight.to(out.dtype)).sum(), leaves)
+        return torch.autograd.grad(out, leaves, weight.to(out.dtype).expand(out.shape))
 
+    seen_strides = []
+    backward = fused_cpp.backward
+    monkeypatch.setattr(fused_cpp, "backward", lambda dx, grad_out, *rest: (
+        seen_strides.append(grad_out.stride()), backward(dx, grad_out, *rest))[1])
     actual = gradients(sk.st_adapter, lambda t: t.detach().clone())
+    assert seen_strides and seen_strides[0][:-1] == (0,) * (len(seen_strides[0]) - 1)
     expected = gradients(oracle, lambda t: t.detach().double())
     for a, e in zip(actual, expected):
         assert rel_error(a, e) <= TOLERANCE[case.dtype]

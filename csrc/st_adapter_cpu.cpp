@@ -22,8 +22,8 @@
 //    GEMM output is rounded once, as nn.Linear in that dtype rounds it (except relu's backward,
 //    which recomputes y with a float32 GEMM, see st_adapter_backward_cpu). Weight gradients use
 //    one GEMM per chunk of frames (K = frames x rows), into a 16-bit block that is added to the
-//    float32 partials, so partial sums over chunks are never rounded (on AMX, bfloat16's run frame
-//    by frame through MKL, from the token rows straight into the partials).
+//    float32 partials, so partial sums over chunks are never rounded (on AMX, bfloat16's go through
+//    MKL straight into the partials, with whole-frame tiles frame by frame from the token rows).
 //
 // The tile GEMMs with a weight operand (the down- and up-projection, and the backward's
 // da = g @ fc2_weight and dx = dy @ fc1_weight) may instead run through ATen's batch-reduce GEMM
@@ -324,19 +324,25 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   return s;
 }
 
-// Tile rows at least for frame-by-frame weight gradients (weight_grad_in_float32): on the AMX Xeon,
+// Tile rows at least for frame-by-frame weight gradients (frame_weight_grads): on the AMX Xeon,
 // forward + backward with 196-row tiles (2 clips) 0.96-0.98x the time of oneDNN's chunks, with 98-row
 // tiles (1 clip) 1.07x, MKL's GEMM over one frame's 98 rows being the slower one there.
 constexpr int64_t kFrameWeightGradRows = 192;
 
-// Whether the native backward's weight-gradient GEMMs run frame by frame from the token rows where
-// they lie, straight into the float32 partials (see add_weight_grad_rows), with no chunk of gathered
-// operands: bfloat16 through MKL where brgemm serves it (AMX) and tiles are whole ViT-B frames, where
-// that was measured faster; elsewhere (AMD's Zen 4 among them) oneDNN's GEMM over gathered chunks.
+// Whether the native backward's weight-gradient GEMMs go through MKL's GEMM with a float32 result,
+// straight into the float32 partials (see add_weight_grad_rows): bfloat16 where brgemm serves it (AMX),
+// where that was measured faster (over gathered chunks, 1 clip's 98-row tiles: forward + backward
+// 0.91-0.95x oneDNN's time); elsewhere (AMD's Zen 4 among them) oneDNN's into a 16-bit product.
 template <typename T>
-bool weight_grad_in_float32(const Shape& s) {
-  return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm &&
-         s.tile >= kFrameWeightGradRows;
+bool mkl_weight_grads(const Shape& s) {
+  return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm;
+}
+
+// Whether they also run frame by frame from the token rows where they lie, with no chunk of
+// gathered operands: with tiles of whole ViT-B frames (kFrameWeightGradRows).
+template <typename T>
+bool frame_weight_grads(const Shape& s) {
+  return mkl_weight_grads<T>(s) && s.tile >= kFrameWeightGradRows;
 }
 
 // A (B, T, L, C) tensor with channel stride 1, addressed by row.
@@ -828,7 +834,7 @@ struct Scratch {
   // 16-bit bottleneck operand of the forward's up-projection (s.up_frames frames).
   scalar_t *narrow_out = nullptr, *narrow_a = nullptr;
   // native_gemm backward only: the weight-gradient operands of a chunk of frames (rows ordered by
-  // frame, then patch), and their 16-bit product (none with weight_grad_in_float32).
+  // frame, then patch), and their 16-bit product (none with mkl_weight_grads).
   scalar_t *frames_g = nullptr, *frames_a = nullptr, *frames_x = nullptr, *frames_dy = nullptr;
   scalar_t* weight_grad = nullptr;
 
@@ -866,12 +872,12 @@ struct Scratch {
       take(narrow_out, s.brgemm ? tile_c : std::max({tile_c, down_rows * s.bottleneck, s.up_frames * tile_c}));
       take(narrow_a, s.up_frames * tile_ca);
     }
-    if (s.native_gemm && backward && !weight_grad_in_float32<scalar_t>(s)) {
+    if (s.native_gemm && backward && !frame_weight_grads<scalar_t>(s)) {
       take(frames_g, s.grad_chunk * tile_c);
       take(frames_x, s.grad_chunk * tile_c);
       take(frames_a, s.grad_chunk * tile_ca);
       take(frames_dy, s.grad_chunk * tile_ca);
-      take(weight_grad, s.channels * s.bottleneck);
+      if (!mkl_weight_grads<scalar_t>(s)) take(weight_grad, s.channels * s.bottleneck);
     }
     return next - base;
   }
@@ -1081,20 +1087,9 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k gathered 16-bit rows,
-// lhs (k x m) and rhs (k x n), through one rounded product per chunk (`product`, m x n): partial
-// sums over chunks are never rounded.
-template <typename scalar_t>
-void add_weight_grad(const Shape& s, float* d_weight, const scalar_t* lhs, int64_t m, const scalar_t* rhs, int64_t n,
-                     int64_t k, float alpha, bool assign, scalar_t* product) {
-  if (s.brgemm) BrgemmScope::release(/*vnni=*/true);  // oneDNN's GEMM takes the tiles (see BrgemmScope)
-  gemm(product, n, block(lhs, k, m, m).t(), block(rhs, k, n, n), alpha, 0.0f);
-  accumulate_widened(d_weight, product, m * n, assign);
-}
-
-// The same over one frame's k bfloat16 token rows where they lie, lhs (k x m) and rhs (k x n) rows
-// ld_lhs and ld_rhs apart, through MKL's GEMM with a float32 result straight into d_weight (see
-// weight_grad_in_float32). On the AMX Xeon, one thread, 768 x 384 over 8 frames of 196 rows: 0.75-0.8x
+// d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k bfloat16 token rows, lhs
+// (k x m) and rhs (k x n) rows ld_lhs and ld_rhs apart (one frame's where they lie, or a gathered
+// chunk), through MKL's GEMM with a float32 result straight into d_weight (see mkl_weight_grads). On the AMX Xeon, one thread, 768 x 384 over 8 frames of 196 rows: 0.75-0.8x
 // the time of oneDNN's over the chunk into bfloat16 (whose product then still needs adding), and
 // frame by frame as fast as one call over the chunk; in the kernel, with no chunks to gather,
 // forward + backward take 0.96-0.98x the time of oneDNN's chunks (same build, path forced, each
@@ -1114,6 +1109,18 @@ void add_weight_grad_rows(float* d_weight, const scalar_t* lhs, int64_t ld_lhs, 
   }
 #endif
   TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: frame-by-frame weight gradients are MKL's bfloat16 GEMM's");
+}
+
+// d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k gathered 16-bit rows,
+// lhs (k x m) and rhs (k x n): with mkl_weight_grads through add_weight_grad_rows, else through one
+// rounded product per chunk (`product`, m x n). Either way partial sums over chunks are never rounded.
+template <typename scalar_t>
+void add_weight_grad(const Shape& s, float* d_weight, const scalar_t* lhs, int64_t m, const scalar_t* rhs, int64_t n,
+                     int64_t k, float alpha, bool assign, scalar_t* product) {
+  if (mkl_weight_grads<scalar_t>(s)) return add_weight_grad_rows(d_weight, lhs, m, m, rhs, n, n, k, alpha, assign);
+  if (s.brgemm) BrgemmScope::release(/*vnni=*/true);  // oneDNN's GEMM takes the tiles (see BrgemmScope)
+  gemm(product, n, block(lhs, k, m, m).t(), block(rhs, k, n, n), alpha, 0.0f);
+  accumulate_widened(d_weight, product, m * n, assign);
 }
 
 // Float32 accumulators of one reduction group (matrices) and of one tile (vectors).
@@ -1138,7 +1145,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
   float* d_bottleneck = partials.bottleneck[tile_index].data_ptr<float>();
   const float* taps = p.taps.data_ptr<float>();
   bool first_fc2 = first_in_group, first_fc1 = first_in_group;
-  const bool frame_grads = weight_grad_in_float32<scalar_t>(s);  // else native: over gathered chunks
+  const bool frame_grads = frame_weight_grads<scalar_t>(s);  // else native: over gathered chunks
 
   // Step `step`: down-project frame `step`; take frame t = step - half through the conv,
   // activation and up-projection gradients (its y window is complete); take frame

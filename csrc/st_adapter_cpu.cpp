@@ -1089,11 +1089,12 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
 
 // d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k bfloat16 token rows, lhs
 // (k x m) and rhs (k x n) rows ld_lhs and ld_rhs apart (one frame's where they lie, or a gathered
-// chunk), through MKL's GEMM with a float32 result straight into d_weight (see mkl_weight_grads). On the AMX Xeon, one thread, 768 x 384 over 8 frames of 196 rows: 0.75-0.8x
-// the time of oneDNN's over the chunk into bfloat16 (whose product then still needs adding), and
-// frame by frame as fast as one call over the chunk; in the kernel, with no chunks to gather,
-// forward + backward take 0.96-0.98x the time of oneDNN's chunks (same build, path forced, each
-// candidate after the same cache-evicting GEMMs, both orders).
+// chunk), through MKL's GEMM with a float32 result straight into d_weight (see mkl_weight_grads). On
+// the AMX Xeon, one thread, 768 x 384 over 8 frames of 196 rows: 0.75-0.8x the time of oneDNN's over
+// the chunk into bfloat16 (whose product then still needs adding), and frame by frame as fast as one
+// call over the chunk; in the kernel, with no chunks to gather, forward + backward take 0.96-0.98x the
+// time of oneDNN's chunks (same build, path forced, each candidate after the same cache-evicting
+// GEMMs, both orders).
 template <typename scalar_t>
 void add_weight_grad_rows(float* d_weight, const scalar_t* lhs, int64_t ld_lhs, int64_t m, const scalar_t* rhs,
                           int64_t ld_rhs, int64_t n, int64_t k, float alpha, bool assign) {

@@ -1109,7 +1109,7 @@ void add_weight_grad_rows(float* d_weight, const scalar_t* lhs, int64_t ld_lhs, 
     return;
   }
 #endif
-  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: frame-by-frame weight gradients are MKL's bfloat16 GEMM's");
+  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: MKL's weight-gradient GEMM takes bfloat16 only (see mkl_weight_grads)");
 }
 
 // d_weight (float32, m x n) = (assign) or += alpha * lhs.T @ rhs over k gathered 16-bit rows,

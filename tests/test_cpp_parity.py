@@ -156,8 +156,12 @@ def test_broadcast_grad_out_with_zero_row_strides(case, tile, native_gemm, brgem
 
     seen_strides = []
     backward = fused_cpp.backward
-    monkeypatch.setattr(fused_cpp, "backward", lambda dx, grad_out, *rest: (
-        seen_strides.append(grad_out.stride()), backward(dx, grad_out, *rest))[1])
+
+    def recording_backward(dx, grad_out, *rest):
+        seen_strides.append(grad_out.stride())
+        return backward(dx, grad_out, *rest)
+
+    monkeypatch.setattr(fused_cpp, "backward", recording_backward)
     actual = gradients(sk.st_adapter, lambda t: t.detach().clone())
     assert seen_strides and seen_strides[0][:-1] == (0,) * (len(seen_strides[0]) - 1)
     expected = gradients(oracle, lambda t: t.detach().double())

@@ -358,6 +358,9 @@ def main():
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_description()}")
+    amx = "amx_bf16" in cpu_info().flags  # which issue's targets judge the ratios
+    floor_targets = AMX_FLOOR_TARGETS if amx else FLOOR_TARGETS
+    speedup_targets = AMX_SPEEDUP_TARGETS if amx else SPEEDUP_TARGETS
     print(f"threads={torch.get_num_threads()} B={BATCH} T={FRAMES} L={TOKENS} C={CHANNELS} kt={KERNEL_T}, "
           f"medians of {args.rounds} interleaved rounds")
     for dtype_name in args.dtypes.split(","):
@@ -435,9 +438,6 @@ def main():
                     m[f"floor {phase}"] = m[f"fp32 floor {phase}"]
                     print(f"  {phase:8s} floor: torch.mm in float32, faster than in {dtype_name} on this CPU")
                 floor_ratio, speedup = m[f"cpp {phase}"] / m[f"floor {phase}"], m[f"official {phase}"] / m[f"cpp {phase}"]
-                amx = "amx_bf16" in cpu_info().flags
-                floor_targets = AMX_FLOOR_TARGETS if amx else FLOOR_TARGETS
-                speedup_targets = AMX_SPEEDUP_TARGETS if amx else SPEEDUP_TARGETS
                 print(f"  {phase:8s} cpp / floor = {floor_ratio:.3f} "
                       f"{verdict(floor_ratio, floor_targets.get((dtype_name, phase)), True)}   "
                       f"official / cpp = {speedup:.2f}x {verdict(speedup, speedup_targets.get((dtype_name, phase)))}"

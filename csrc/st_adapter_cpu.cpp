@@ -332,7 +332,8 @@ constexpr int64_t kFrameWeightGradRows = 192;
 // Whether the native backward's weight-gradient GEMMs go through MKL's GEMM with a float32 result,
 // straight into the float32 partials (see add_weight_grad_rows): bfloat16 where brgemm serves it (AMX),
 // where that was measured faster (over gathered chunks, 1 clip's 98-row tiles: forward + backward
-// 0.91-0.95x oneDNN's time); elsewhere (AMD's Zen 4 among them) oneDNN's into a 16-bit product.
+// 0.91-0.95x oneDNN's time); elsewhere oneDNN's into a 16-bit product (on AMD's Zen 4, MKL's over the
+// same chunks made forward + backward 1.22-1.27x slower: its bfloat16 kernels lag there).
 template <typename T>
 bool mkl_weight_grads(const Shape& s) {
   return AT_MKL_ENABLED() && std::is_same_v<T, at::BFloat16> && s.native_gemm && s.brgemm;

@@ -94,8 +94,10 @@ def build_other(other: str, cache_dir: str) -> str:
     built = [name for name in os.listdir(library) if name.startswith("_C")] if os.path.isdir(library) else []
     if built and not os.path.isdir(other):
         return os.path.join(library, built[0])
-    shutil.rmtree(home, ignore_errors=True)
+    # A directory is copied afresh each time, its files' times kept, so that ninja recompiles only
+    # what was edited since the last comparison (the renamed bindings.cpp, a small file, always).
     tree = os.path.join(home, "tree")
+    shutil.rmtree(tree, ignore_errors=True)
     export_tree(other, tree)
     rename_library(os.path.join(tree, "csrc"))
     # CFLAGS reaches every compile command (setuptools adds it to the compiler's own flags).
@@ -116,6 +118,8 @@ def build_other(other: str, cache_dir: str) -> str:
 def load_other(path: str):
     """The other build's ops (torch.ops.stadapter_other), after checking its C++ symbols are renamed:
     two libraries defining the same stadapter:: functions could bind one's calls to the other's."""
+    if shutil.which("nm") is None:
+        raise SystemExit("compare_builds: needs nm (binutils) to check the other build's symbols are renamed")
     symbols = subprocess.run(["nm", "-C", "--defined-only", path], capture_output=True, text=True).stdout
     if f"{OTHER_LIBRARY}::" not in symbols:
         raise SystemExit(f"compare_builds: {path} defines no {OTHER_LIBRARY}:: symbols: the namespace rename "

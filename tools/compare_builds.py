@@ -35,6 +35,7 @@ import time
 import torch
 
 from stadapter_kernels import fused_cpp
+from stadapter_kernels.activations import ACTIVATIONS
 from tools.measure_cpp import CHANNELS, DTYPES, FRAMES, KERNEL_T, PREFIX, TOKENS, cpu_description
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +225,8 @@ def main():
     parser.add_argument("--bottlenecks", default="384,128", help="Ca values (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per case (default %(default)s)")
     parser.add_argument("--batch", type=int, default=2, help="videos B of 8 frames (default %(default)s)")
-    parser.add_argument("--activation", default="identity", help="identity, relu, gelu (default %(default)s)")
+    parser.add_argument("--activation", default="identity", choices=tuple(ACTIVATIONS),
+                        help="(default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where builds of revisions are kept "
                                                                    "(default %(default)s)")

@@ -36,16 +36,18 @@ import torch
 
 from stadapter_kernels import fused_cpp
 from stadapter_kernels.activations import ACTIVATIONS
-from tools.measure_cpp import CHANNELS, DTYPES, FRAMES, KERNEL_T, PREFIX, TOKENS, cpu_description
+from stadapter_kernels.spec import AdapterTensors
+from tools.measure_cpp import (CHANNELS, DTYPES, FRAMES, KERNEL_T, PREFIX, TOKENS, cpu_description,
+                                make_inputs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY, OTHER_LIBRARY = "stadapter_cpp", "stadapter_other"
 DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "stadapter-compare-builds")
 # What building the extension reads (setup.py puts README.md in the package metadata).
 BUILD_FILES = ("setup.py", "README.md", "csrc")
-# The raw ops' parameter tensors, in the same place in every build so far; the keyword flags after
-# the options are passed only to a build whose schema has them (see op_flags).
-TENSOR_ARGUMENTS = ("fc1_weight", "fc1_bias", "conv_weight", "conv_bias", "fc2_weight", "fc2_bias")
+# The raw ops' parameter tensors (cond, passed as None, aside), in the same place in every build so
+# far; the keyword flags after the options are passed only to a build whose schema has them (see op_flags).
+TENSOR_ARGUMENTS = tuple(name for name in AdapterTensors._fields if name != "cond")
 
 
 def export_tree(other: str, dest: str) -> None:
@@ -91,10 +93,16 @@ def build_other(other: str, cache_dir: str) -> str:
             raise SystemExit(f"compare_builds: {other!r} is neither a directory nor a git revision of {ROOT}")
         key = revision.stdout.strip()
     home = os.path.join(cache_dir, key)
-    library = os.path.join(home, "lib", "stadapter_kernels")
-    built = [name for name in os.listdir(library) if name.startswith("_C")] if os.path.isdir(library) else []
-    if built and not os.path.isdir(other):
-        return os.path.join(library, built[0])
+    library_dir = os.path.join(home, "lib", "stadapter_kernels")
+
+    def built_library() -> str | None:
+        if not os.path.isdir(library_dir):
+            return None
+        names = [name for name in os.listdir(library_dir) if name.startswith("_C")]
+        return os.path.join(library_dir, names[0]) if names else None
+
+    if not os.path.isdir(other) and (cached := built_library()):
+        return cached
     # A directory is copied afresh each time, its files' times kept, so that ninja recompiles only
     # what was edited since the last comparison (the renamed bindings.cpp, a small file, always).
     tree = os.path.join(home, "tree")
@@ -111,9 +119,8 @@ def build_other(other: str, cache_dir: str) -> str:
                             cwd=tree, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"compare_builds: building {other} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    built = [name for name in os.listdir(library) if name.startswith("_C")]
     print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
-    return os.path.join(library, built[0])
+    return built_library()
 
 
 def load_other(path: str):
@@ -136,18 +143,9 @@ def op_flags(op, flags: dict) -> dict:
 
 
 def make_case(dtype: torch.dtype, bottleneck: int, batch: int, seed: int = 0):
-    """x (B, T, L, C) and the op's parameters, ViT-B/16-adapter-like magnitudes."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=generator) * std).to(dtype)
-
-    x = randn(batch, FRAMES, TOKENS, CHANNELS)
-    params = dict(fc1_weight=randn(bottleneck, CHANNELS, std=CHANNELS ** -0.5), fc1_bias=randn(bottleneck, std=0.1),
-                  conv_weight=randn(bottleneck, 1, KERNEL_T, 1, 1, std=KERNEL_T ** -0.5),
-                  conv_bias=randn(bottleneck, std=0.1), fc2_weight=randn(CHANNELS, bottleneck, std=bottleneck ** -0.5),
-                  fc2_bias=randn(CHANNELS, std=0.1))
-    return x, [params[name] for name in TENSOR_ARGUMENTS]
+    """x (B, T, L, C) and the op's parameter tensors in argument order: measure_cpp's inputs."""
+    inputs = make_inputs(dtype, bottleneck, seed, batch)
+    return inputs["x"].unflatten(0, (batch, FRAMES)), [inputs[name] for name in TENSOR_ARGUMENTS]
 
 
 def runners(lib, x, params, activation: str, flags: dict):
@@ -197,8 +195,7 @@ def compare(ours, theirs, rounds: int) -> tuple[float, float]:
 
 
 def run_comparison(other_lib, dtype_names, bottlenecks, rounds, batch, activation, label):
-    """Prints (and returns) other / ours per dtype, bottleneck and phase."""
-    results = {}
+    """Prints both builds' medians and other / ours per dtype, bottleneck and phase."""
     for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
         for bottleneck in bottlenecks:
@@ -211,11 +208,9 @@ def run_comparison(other_lib, dtype_names, bottlenecks, rounds, batch, activatio
             for phase, ours_fn, theirs_fn in (("fwd", ours[0], theirs[0]), ("fwd+bwd", ours[1], theirs[1])):
                 difference = largest_difference([t.clone() for t in ours_fn()], theirs_fn())
                 mine, other = compare(ours_fn, theirs_fn, rounds)
-                results[(dtype_name, bottleneck, phase)] = other / mine
                 print(f"{dtype_name} Ca={bottleneck} {phase:8s} this checkout {mine * 1e3:8.2f} ms   {label} "
                       f"{other * 1e3:8.2f} ms   {label} / this checkout = {other / mine:.3f}   "
                       f"[{path}; outputs differ by {difference:.1e} relative]", flush=True)
-    return results
 
 
 def main():

@@ -204,14 +204,16 @@ def verdict(value, target, at_most=False):
     return f"({'<=' if at_most else '>='} {target}: {'met' if met else 'NOT met'})"
 
 
-def make_inputs(dtype, bottleneck, seed=0):
+def make_inputs(dtype, bottleneck, seed=0, batch=None):
+    """x (B * T, L, C) and the adapter's parameters, by name: B = BATCH unless `batch` is given."""
     generator = torch.Generator().manual_seed(seed)
+    batch = BATCH if batch is None else batch
 
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=generator) * std).to(dtype)
 
     return dict(
-        x=randn(BATCH * FRAMES, TOKENS, CHANNELS),
+        x=randn(batch * FRAMES, TOKENS, CHANNELS),
         fc1_weight=randn(bottleneck, CHANNELS, std=CHANNELS ** -0.5), fc1_bias=randn(bottleneck, std=0.1),
         conv_weight=randn(bottleneck, 1, KERNEL_T, 1, 1, std=KERNEL_T ** -0.5), conv_bias=randn(bottleneck, std=0.1),
         fc2_weight=randn(CHANNELS, bottleneck, std=bottleneck ** -0.5), fc2_bias=randn(CHANNELS, std=0.1),

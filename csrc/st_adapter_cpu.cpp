@@ -71,13 +71,21 @@
 #include <vector>
 
 #if AT_MKL_ENABLED()
-// MKL's per-thread thread count and its bfloat16 GEMM with a float32 result (libtorch_cpu exports
-// MKL, which torch links statically; ATen does not export its own wrapper of the GEMM).
+// MKL's per-thread thread count, its bfloat16 GEMM with a float32 result and its float32 GEMM on a
+// packed B operand (libtorch_cpu exports MKL, which torch links statically; ATen wraps none of these).
 extern "C" int MKL_Set_Num_Threads_Local(int);  // the C entry point (mkl_service.h maps the lower-case macro to it)
 extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                                        const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
                                        int ldc);
+extern "C" size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+extern "C" void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                                 const float* src, int ld, float* dest);
+extern "C" void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                                    const float* b, int ldb, float beta, float* c, int ldc);
 #endif
+// MKL's CBLAS_LAYOUT, CBLAS_TRANSPOSE (with its packed-operand value) and CBLAS_IDENTIFIER.
+constexpr int kCblasRowMajor = 101, kCblasNoTranspose = 111, kCblasTranspose = 112, kCblasPacked = 151;
+constexpr int kCblasBMatrix = 162;
 
 // This file is compiled once per instruction set, like ATen's kernels: with setup.py's flags
 // (CPU_CAPABILITY=AVX2 on x86-64) and again by st_adapter_cpu_avx512.cpp, each copy in a namespace
@@ -245,6 +253,7 @@ struct Shape {
   int64_t tiles;            // batch * tiles_per_video
   bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
   bool brgemm;              // the weight GEMMs through cpublas::brgemm (see the top of this file)
+  bool mkl_packed;          // float32 library GEMMs with a weight on MKL's packed copies (MklPackedWeight)
   bool residual;            // out = x + branch (else the branch alone; dx without the identity term)
   bool widened_down;        // native_gemm, but the down-projection widened to float32 (relu's backward)
   bool bias_in_conv;        // the forward's row bias added where the conv reads y, not stored with it
@@ -277,6 +286,7 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& conv_weight, int64_t bot
   Shape s{};
   s.native_gemm = native_gemm && x.scalar_type() != at::kFloat;
   s.brgemm = brgemm;
+  s.mkl_packed = AT_MKL_ENABLED() && !s.native_gemm && !brgemm;
   s.residual = residual;
   TORCH_CHECK(!brgemm || brgemm_serves(s.native_gemm ? x.scalar_type() : at::kFloat, x.size(3), bottleneck),
               "stadapter_cpp: brgemm cannot serve these GEMMs on this CPU (fused_cpp.py checks before asking)");
@@ -365,7 +375,7 @@ Rows<T> rows_of(const at::Tensor& t) {
 // multi-megabyte buffers per call would be new pages, zero-filled by the kernel on first touch,
 // every call. Larger requests (long clips, wide models) are allocated for the call and freed
 // with the lease, so no thread keeps more than the cap per slot alive between calls.
-enum class ArenaSlot { kTileScratch, kWeightGradPartials, kBrgemmWeights, kCount };
+enum class ArenaSlot { kTileScratch, kWeightGradPartials, kLaidOutWeights, kCount };
 constexpr size_t kMaxRetainedArenaBytes = size_t{32} << 20;
 
 class ArenaLease {
@@ -484,7 +494,7 @@ void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
 void lay_out_brgemm_weights(const std::vector<BrgemmLayout>& layouts, ArenaLease* memory) {
   size_t bytes = 0;
   for (const BrgemmLayout& l : layouts) bytes += round_up_to_alignment(l.bytes());
-  *memory = ArenaLease(ArenaSlot::kBrgemmWeights, bytes);
+  *memory = ArenaLease(ArenaSlot::kLaidOutWeights, bytes);
   std::vector<std::pair<const BrgemmLayout*, int64_t>> blocks;  // (layout, first column)
   char* next = memory->data();
   for (const BrgemmLayout& l : layouts) {
@@ -523,6 +533,70 @@ class BrgemmScope {
   bool vnni_;
 };
 
+// The B operand (K x N) of float32 library GEMMs with a weight, packed once per call by MKL
+// (cblas_sgemm_pack), where the call's float32 GEMMs are MKL's (mkl_packed_weights): a plain
+// sgemm call packs its B anew, and a tile's frame-by-frame GEMMs make one call per frame. On the
+// AMX Xeon, one thread, 8 frames of 196 x 768 @ 768 x 384 (or 384 x 768): 0.90-0.93x the time of
+// torch.mm's frame by frame, the pack included (~80 us a weight), and bit-identical results for any
+// row count up to the one packed for (checked down to 66; MKL leaves the packed buffer unchanged,
+// so threads share it).
+struct MklPackedWeight {
+  const float* data = nullptr;
+  int64_t k = 0, n = 0;
+};
+
+// A weight to pack: `source` (contiguous float32) is K x N, or with `transposed` N x K (B = source.T).
+struct MklPacking {
+  at::Tensor source;
+  bool transposed;
+  MklPackedWeight* target;
+
+  int64_t k() const { return source.size(transposed ? 1 : 0); }
+  int64_t n() const { return source.size(transposed ? 0 : 1); }
+};
+
+// Packs every weight of `packings` for GEMMs of up to `rows` rows, into memory leased from the
+// calling thread's arena (kept in `memory` for the call), one weight per task, each packed by one
+// MKL thread as the tiles' single-threaded GEMMs will read it (MKL asks for the same thread count
+// for packing and computing), so the packed bytes do not depend on the thread count.
+void pack_mkl_weights(const std::vector<MklPacking>& packings, int64_t rows, ArenaLease* memory) {
+#if AT_MKL_ENABLED()
+  std::vector<size_t> offsets;
+  size_t bytes = 0;
+  for (const MklPacking& w : packings) {
+    offsets.push_back(bytes);
+    bytes += round_up_to_alignment(cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(rows),
+                                                             static_cast<int>(w.n()), static_cast<int>(w.k())));
+  }
+  *memory = ArenaLease(ArenaSlot::kLaidOutWeights, bytes);
+  at::parallel_for(0, static_cast<int64_t>(packings.size()), 1, [&](int64_t begin, int64_t end) {
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    for (int64_t i = begin; i < end; ++i) {
+      const MklPacking& w = packings[i];
+      auto* packed = reinterpret_cast<float*>(memory->data() + offsets[i]);
+      cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, w.transposed ? kCblasTranspose : kCblasNoTranspose,
+                       static_cast<int>(rows), static_cast<int>(w.n()), static_cast<int>(w.k()), 1.0f,
+                       w.source.const_data_ptr<float>(), static_cast<int>(w.source.size(1)), packed);
+      *w.target = MklPackedWeight{packed, w.k(), w.n()};
+    }
+    MKL_Set_Num_Threads_Local(previous);
+  });
+#else
+  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: packed weights need MKL (see mkl_packed_weights)");
+#endif
+}
+
+// c (m x b.n float32, leading dimension ldc) = a (m x b.k float32, leading dimension lda >= b.k) @ b.
+void mkl_packed_rows(const MklPackedWeight& b, const float* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
+#if AT_MKL_ENABLED()
+  cblas_sgemm_compute(kCblasRowMajor, kCblasNoTranspose, kCblasPacked, static_cast<int>(m), static_cast<int>(b.n),
+                      static_cast<int>(b.k), a, static_cast<int>(lda), b.data, static_cast<int>(b.n), 0.0f, c,
+                      static_cast<int>(ldc));
+#else
+  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: packed weights need MKL (see mkl_packed_weights)");
+#endif
+}
+
 // The parameters laid out for the kernels: the GEMMs' weights in the GEMM dtype (float32, or x's
 // dtype with native_gemm), everything else float32.
 struct Params {
@@ -536,7 +610,9 @@ struct Params {
   // brgemm only: the weights as the B operand of y = x @ fc1.T, up = a @ fc2.T, and the backward's
   // da = g @ fc2 and dx = dy @ fc1.
   BrgemmWeight down, up, up_grad, down_grad;
-  ArenaLease brgemm_memory;  // what they point into (not the float32 weights taken as they are)
+  // s.mkl_packed only: the same four, packed by MKL.
+  MklPackedWeight packed_down, packed_up, packed_up_grad, packed_down_grad;
+  ArenaLease weight_memory;  // what they point into (not the float32 weights brgemm takes as they are)
 };
 
 Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
@@ -558,7 +634,16 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
     } else {
       layouts.push_back({p.fc2_weight, /*transposed=*/true, &p.up});
     }
-    lay_out_brgemm_weights(layouts, &p.brgemm_memory);
+    lay_out_brgemm_weights(layouts, &p.weight_memory);
+  } else if (s.mkl_packed) {
+    std::vector<MklPacking> packings{{p.fc1_weight, /*transposed=*/true, &p.packed_down}};
+    if (backward) {
+      packings.push_back({p.fc2_weight, /*transposed=*/false, &p.packed_up_grad});
+      packings.push_back({p.fc1_weight, /*transposed=*/false, &p.packed_down_grad});
+    } else {
+      packings.push_back({p.fc2_weight, /*transposed=*/true, &p.packed_up});
+    }
+    pack_mkl_weights(packings, s.tile, &p.weight_memory);
   }
   p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
   if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
@@ -869,7 +954,7 @@ struct Scratch {
     }
     if (s.native_gemm) {
       const int64_t down_rows = (s.down_frames - 1) * s.tokens + s.tile;
-      // brgemm: rows copied for a call (see brgemm_operand); else the library GEMMs' results
+      // brgemm: rows copied for a call (see non_overlapping_rows); else the library GEMMs' results
       take(narrow_out, s.brgemm ? tile_c : std::max({tile_c, down_rows * s.bottleneck, s.up_frames * tile_c}));
       take(narrow_a, s.up_frames * tile_ca);
     }
@@ -954,10 +1039,11 @@ void prefix_rows(const Shape& s, const Rows<scalar_t>& dst, const Rows<const sca
   }
 }
 
-// Token rows `ld` apart as a brgemm A operand, whose rows must not overlap: the rows themselves,
-// else (grad_out of a broadcast has row stride 0) copied into `buffer` (rows x cols).
+// Token rows `ld` apart as the A operand of a GEMM on a laid-out weight (brgemm, MKL's packed GEMM),
+// whose rows must not overlap: the rows themselves, else (grad_out of a broadcast has row stride 0)
+// copied into `buffer` (rows x cols).
 template <typename T>
-const T* brgemm_operand(const T* src, int64_t ld, int64_t rows, int64_t cols, T* buffer, int64_t* ld_out) {
+const T* non_overlapping_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, T* buffer, int64_t* ld_out) {
   if (ld >= cols) {
     *ld_out = ld;
     return src;
@@ -975,12 +1061,12 @@ void brgemm_token_rows(const Shape& s, const BrgemmWeight& b, const scalar_t* sr
                        float* c, float* wide, scalar_t* narrow) {
   int64_t lda = 0;
   if (s.native_gemm) {
-    const scalar_t* operand = brgemm_operand(src, ld, rows, s.channels, narrow, &lda);  // sets lda first
+    const scalar_t* operand = non_overlapping_rows(src, ld, rows, s.channels, narrow, &lda);  // sets lda first
     brgemm_rows(b, operand, lda, rows, c, b.n);
     return;
   }
   const float* rows_f32 = widen_rows(src, ld, rows, s.channels, wide, &lda);
-  rows_f32 = brgemm_operand(rows_f32, lda, rows, s.channels, wide, &lda);
+  rows_f32 = non_overlapping_rows(rows_f32, lda, rows, s.channels, wide, &lda);
   brgemm_rows(b, rows_f32, lda, rows, c, b.n);
 }
 
@@ -1014,8 +1100,13 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
   float* y = w.ring_y + s.y_slot(f0) * s.tile * ca;
   int64_t ld = 0;
   const float* wide = widen_rows(x.row(b, f0, l0), x.stride_l, rows, s.channels, w.wide_x, &ld);
-  const at::Tensor& weight = s.widened_down ? p.fc1_weight_wide : p.fc1_weight;
-  gemm(y, ca, block(wide, rows, s.channels, ld), weight.t(), 1.0f, 0.0f);
+  if (s.mkl_packed) {
+    wide = non_overlapping_rows(wide, ld, rows, s.channels, w.wide_x, &ld);  // rows that overlap copied
+    mkl_packed_rows(p.packed_down, wide, ld, rows, y, ca);
+  } else {
+    const at::Tensor& weight = s.widened_down ? p.fc1_weight_wide : p.fc1_weight;
+    gemm(y, ca, block(wide, rows, s.channels, ld), weight.t(), 1.0f, 0.0f);
+  }
   if (!s.bias_in_conv) add_row_bias(y, bias, rows, ca);
 }
 
@@ -1077,7 +1168,11 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
       }
     } else {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u, row_bias);
-      gemm(w.wide_out, c_dim, block(w.a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+      if (s.mkl_packed) {
+        mkl_packed_rows(p.packed_up, w.a, ca, rows, w.wide_out, c_dim);
+      } else {
+        gemm(w.wide_out, c_dim, block(w.a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
+      }
       residual_rows(s, out, x, b, t, l0, rows, w.wide_out, up_bias, scale);
     }
     if (p0 == 0) prefix_rows(s, out, x, b, t);
@@ -1102,8 +1197,7 @@ void add_weight_grad_rows(float* d_weight, const scalar_t* lhs, int64_t ld_lhs, 
 #if AT_MKL_ENABLED()
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     BrgemmScope::release(/*vnni=*/true);  // MKL's GEMM takes the tiles (see BrgemmScope)
-    constexpr int kRowMajor = 101, kNoTranspose = 111, kTranspose = 112;  // MKL's CBLAS_LAYOUT, CBLAS_TRANSPOSE
-    cblas_gemm_bf16bf16f32(kRowMajor, kTranspose, kNoTranspose, static_cast<int>(m), static_cast<int>(n),
+    cblas_gemm_bf16bf16f32(kCblasRowMajor, kCblasTranspose, kCblasNoTranspose, static_cast<int>(m), static_cast<int>(n),
                            static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(lhs), static_cast<int>(ld_lhs),
                            reinterpret_cast<const uint16_t*>(rhs), static_cast<int>(ld_rhs), assign ? 0.0f : 1.0f,
                            d_weight, static_cast<int>(n));
@@ -1164,7 +1258,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       if (frame_grads) {  // the rows for da and d fc2_weight, copied only where they overlap
         add_column_sums(d_fc2_bias, g_rows, g.stride_l, rows, c_dim, scale);
         int64_t ld = 0;
-        const scalar_t* operand = brgemm_operand(g_rows, g.stride_l, rows, c_dim, w.narrow_out, &ld);  // sets ld first
+        const scalar_t* operand = non_overlapping_rows(g_rows, g.stride_l, rows, c_dim, w.narrow_out, &ld);  // sets ld first
         g_block = block(operand, rows, c_dim, ld);
       } else if (s.native_gemm) {
         // g gathered for d fc2_weight (and brgemm's da) in the column-sum pass.
@@ -1182,9 +1276,15 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         } else {
           int64_t ld = 0;
           const float* rows_f32 =
-              brgemm_operand(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
+              non_overlapping_rows(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
           brgemm_rows(p.up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
         }
+        da_scale = scale;
+      } else if (s.mkl_packed) {  // as brgemm's: the scale applied where dz reads da
+        int64_t ld = 0;
+        const float* rows_f32 =
+            non_overlapping_rows(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
+        mkl_packed_rows(p.packed_up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
         da_scale = scale;
       } else {
         gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
@@ -1235,7 +1335,7 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
           s, dy, rows, frame_grads ? w.narrow_a : s.native_gemm ? w.frames_dy + u_in_chunk * rows * ca : nullptr);
       if (frame_grads) {  // x's rows, copied only where they overlap
         int64_t ld = 0;
-        const scalar_t* x_operand = brgemm_operand(x_rows, x.stride_l, rows, c_dim, w.narrow_out, &ld);
+        const scalar_t* x_operand = non_overlapping_rows(x_rows, x.stride_l, rows, c_dim, w.narrow_out, &ld);
         add_weight_grad_rows(d_fc1_weight, dy_block.const_data_ptr<scalar_t>(), ca, ca, x_operand, ld, c_dim, rows,
                              1.0f, first_fc1);
         first_fc1 = false;
@@ -1257,6 +1357,9 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
       } else if (s.native_gemm) {
         gemm(w.narrow_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
         residual_rows(s, dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f);
+      } else if (s.mkl_packed) {
+        mkl_packed_rows(p.packed_down_grad, dy, ca, rows, w.wide_out, c_dim);
+        residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
       } else {
         gemm(w.wide_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
         residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);

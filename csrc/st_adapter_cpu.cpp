@@ -13,7 +13,9 @@
 //
 // Element-wise arithmetic (bias, conv, activation, residual, gradient partials) is float32.
 // The GEMMs of bfloat16/float16 inputs run one of two ways, chosen per call (`native_gemm`):
-//  - widened: rows are widened into float32 tile buffers and multiplied by MKL's float32 GEMM.
+//  - widened: rows are widened into float32 tile buffers and multiplied by MKL's float32 GEMM
+//    (as float32 calls are, where brgemm does not serve them: on weights packed once per call, see
+//    MklPackedWeight).
 //    Fastest on CPUs without native half-precision matrix instructions (AVX2), where ATen's
 //    bf16/fp16 GEMM is a slow fallback, and on some CPUs with them (an Intel Xeon with
 //    avx512_bf16 and AMX off): fused_cpp.py times one frame's GEMM both ways to choose.

@@ -69,7 +69,9 @@ brgemm: dict[torch.dtype, bool | None] = {torch.float32: None, torch.bfloat16: T
 #: Float32 brgemm by default on AVX-512 CPUs: on Intel's only for bottlenecks this narrow, on AMD's at
 #: every width, where MKL does not run its best float32 kernels. brgemm / MKL time of the cpp backend
 #: (tools/measure_cpp.py --gemm-paths, fp32 forward / forward+backward): Intel Xeon (AVX-512) 0.79 / 0.89
-#: at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384; AMD Zen 4 (family 25 model 17)
+#: at Ca = 64, 0.94 / 0.92 at Ca = 128, but 1.19 / 1.10 at Ca = 384 (AMX Xeon, family 6 model 167, with
+#: MKL on weights packed once per call: 0.74 / 0.85 at 64, 0.87-0.89 / 0.92-0.93 at 128, 0.99 / 0.95 at
+#: 192, 1.15-1.18 / 1.10-1.13 at 384); AMD Zen 4 (family 25 model 17)
 #: 0.78 / 0.92 at Ca = 64, 0.85 / 0.94 at 128, 0.80-0.83 / 0.89-0.93 at 192, 0.83 / 0.88-0.89 at 256,
 #: 0.84-0.89 / 0.87-0.88 at 384. AVX2 CPUs disagree, hence never there: AMD Zen 3 (family 25 model 1)
 #: 4-44% slower; Zen 1 (family 23 model 1) 0.88 / 0.92 at Ca = 64, 0.98 / 0.99 at Ca = 128, 1.03 / 1.01

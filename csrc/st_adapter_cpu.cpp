@@ -15,7 +15,7 @@
 // The GEMMs of bfloat16/float16 inputs run one of two ways, chosen per call (`native_gemm`):
 //  - widened: rows are widened into float32 tile buffers and multiplied by MKL's float32 GEMM
 //    (as float32 calls are, where brgemm does not serve them: on weights packed once per call, see
-//    MklPackedWeight).
+//    pack_mkl_weights).
 //    Fastest on CPUs without native half-precision matrix instructions (AVX2), where ATen's
 //    bf16/fp16 GEMM is a slow fallback, and on some CPUs with them (an Intel Xeon with
 //    avx512_bf16 and AMX off): fused_cpp.py times one frame's GEMM both ways to choose.
@@ -255,7 +255,7 @@ struct Shape {
   int64_t tiles;            // batch * tiles_per_video
   bool native_gemm;         // 16-bit GEMM operands as they are (see the top of this file)
   bool brgemm;              // the weight GEMMs through cpublas::brgemm (see the top of this file)
-  bool mkl_packed;          // float32 library GEMMs with a weight on MKL's packed copies (MklPackedWeight)
+  bool mkl_packed;          // float32 library GEMMs with a weight on MKL's packed copies (pack_mkl_weights)
   bool residual;            // out = x + branch (else the branch alone; dx without the identity term)
   bool widened_down;        // native_gemm, but the down-projection widened to float32 (relu's backward)
   bool bias_in_conv;        // the forward's row bias added where the conv reads y, not stored with it
@@ -415,25 +415,26 @@ class ArenaLease {
   char* data_ = nullptr;
 };
 
-// The B operand (K x N) of brgemm calls, laid out once per call: float32 row-major (the weight
-// itself where it is that already), or 16-bit in VNNI pairs [K/2][N][2]. One brgemm call takes all
-// N columns (ATen's cpublas::pack makes blocks of at most 64, one call each): alone on AMX (196
-// rows, one thread) 15-17% faster than 64-column calls, inside the kernel within noise (0.97-1.03).
-struct BrgemmWeight {
+// The B operand (K x N) of GEMMs with a weight, laid out once per call: for brgemm float32
+// row-major (the weight itself where it is that already) or 16-bit in VNNI pairs [K/2][N][2], or
+// packed by MKL (pack_mkl_weights). One brgemm call takes all N columns (ATen's cpublas::pack makes
+// blocks of at most 64, one call each): alone on AMX (196 rows, one thread) 15-17% faster than
+// 64-column calls, inside the kernel within noise (0.97-1.03).
+struct LaidOutWeight {
   const void* data = nullptr;
   int64_t k = 0, n = 0;
 };
 
-// A weight to lay out as brgemm's B operand: `source` (contiguous, in the GEMM dtype) is K x N, or
+// A weight to lay out as a GEMM's B operand: `source` (contiguous, in the GEMM dtype) is K x N, or
 // with `transposed` N x K (B = source.T: the forward's x @ W.T).
-struct BrgemmLayout {
+struct WeightLayout {
   at::Tensor source;
   bool transposed;
-  BrgemmWeight* target;
+  LaidOutWeight* target;
 
   int64_t k() const { return source.size(transposed ? 1 : 0); }
   int64_t n() const { return source.size(transposed ? 0 : 1); }
-  // Float32 taken as it is needs no memory of its own.
+  // Float32 taken as it is needs no memory of its own for brgemm.
   bool in_place() const { return !transposed && source.scalar_type() == at::kFloat; }
   size_t bytes() const { return in_place() ? 0 : source.numel() * source.element_size(); }
 };
@@ -468,7 +469,7 @@ void transpose_32bit(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t 
 // become its columns). 16-bit: pairs (B[2i][n], B[2i+1][n]) as one 32-bit element at [i][n] (a
 // transposed source's row n holds column n's pairs back to back: a 32-bit transpose again; an
 // upright source's rows 2i and 2i+1 interleaved).
-void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
+void lay_out_block(const WeightLayout& l, int64_t n0, int64_t block_n) {
   const int64_t k = l.k(), n = l.n();
   if (l.source.scalar_type() == at::kFloat) {
     const auto* src = static_cast<const uint32_t*>(l.source.const_data_ptr());
@@ -493,14 +494,14 @@ void lay_out_block(const BrgemmLayout& l, int64_t n0, int64_t block_n) {
 // Lays out every weight of `layouts` into memory leased from the calling thread's arena (kept in
 // `memory` for the call), in parallel over column blocks: cheap next to a per-call torch transpose
 // and pack, which took ~0.4 ms of a 4 ms bf16 forward on a 2-core Xeon.
-void lay_out_brgemm_weights(const std::vector<BrgemmLayout>& layouts, ArenaLease* memory) {
+void lay_out_brgemm_weights(const std::vector<WeightLayout>& layouts, ArenaLease* memory) {
   size_t bytes = 0;
-  for (const BrgemmLayout& l : layouts) bytes += round_up_to_alignment(l.bytes());
+  for (const WeightLayout& l : layouts) bytes += round_up_to_alignment(l.bytes());
   *memory = ArenaLease(ArenaSlot::kLaidOutWeights, bytes);
-  std::vector<std::pair<const BrgemmLayout*, int64_t>> blocks;  // (layout, first column)
+  std::vector<std::pair<const WeightLayout*, int64_t>> blocks;  // (layout, first column)
   char* next = memory->data();
-  for (const BrgemmLayout& l : layouts) {
-    *l.target = BrgemmWeight{l.in_place() ? l.source.const_data_ptr() : next, l.k(), l.n()};
+  for (const WeightLayout& l : layouts) {
+    *l.target = LaidOutWeight{l.in_place() ? l.source.const_data_ptr() : next, l.k(), l.n()};
     if (l.in_place()) continue;
     next += round_up_to_alignment(l.bytes());
     for (int64_t n0 = 0; n0 < l.n(); n0 += kBrgemmBlockN) blocks.emplace_back(&l, n0);
@@ -515,7 +516,7 @@ void lay_out_brgemm_weights(const std::vector<BrgemmLayout>& layouts, ArenaLease
 
 // c (m x b.n float32, leading dimension ldc) = a (m x b.k, leading dimension lda >= b.k) @ b.
 template <typename T>
-void brgemm_rows(const BrgemmWeight& b, const T* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
+void brgemm_rows(const LaidOutWeight& b, const T* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
   at::native::cpublas::brgemm(m, b.n, b.k, lda, b.n, ldc, /*add_C=*/false, a, static_cast<const T*>(b.data), c,
                               /*is_vnni=*/!std::is_same_v<T, float>);
 }
@@ -535,37 +536,21 @@ class BrgemmScope {
   bool vnni_;
 };
 
-// The B operand (K x N) of float32 library GEMMs with a weight, packed once per call by MKL
-// (cblas_sgemm_pack), where the call's float32 GEMMs are MKL's (mkl_packed_weights): a plain
-// sgemm call packs its B anew, and a tile's frame-by-frame GEMMs make one call per frame. On the
-// AMX Xeon, one thread, 8 frames of 196 x 768 @ 768 x 384 (or 384 x 768): 0.90-0.93x the time of
-// torch.mm's frame by frame, the pack included (~80 us a weight), and bit-identical results for any
-// row count up to the one packed for (checked down to 66; MKL leaves the packed buffer unchanged,
-// so threads share it).
-struct MklPackedWeight {
-  const float* data = nullptr;
-  int64_t k = 0, n = 0;
-};
-
-// A weight to pack: `source` (contiguous float32) is K x N, or with `transposed` N x K (B = source.T).
-struct MklPacking {
-  at::Tensor source;
-  bool transposed;
-  MklPackedWeight* target;
-
-  int64_t k() const { return source.size(transposed ? 1 : 0); }
-  int64_t n() const { return source.size(transposed ? 0 : 1); }
-};
-
-// Packs every weight of `packings` for GEMMs of up to `rows` rows, into memory leased from the
-// calling thread's arena (kept in `memory` for the call), one weight per task, each packed by one
-// MKL thread as the tiles' single-threaded GEMMs will read it (MKL asks for the same thread count
-// for packing and computing), so the packed bytes do not depend on the thread count.
-void pack_mkl_weights(const std::vector<MklPacking>& packings, int64_t rows, ArenaLease* memory) {
+// Packs every float32 weight of `packings` with MKL (cblas_sgemm_pack) for GEMMs of up to `rows`
+// rows, where the call's float32 GEMMs with a weight are MKL's (s.mkl_packed): a plain sgemm call
+// packs its B anew, and a tile's frame-by-frame GEMMs make one call per frame. On the AMX Xeon, one
+// thread, 8 frames of 196 x 768 @ 768 x 384 (or 384 x 768): 0.90-0.93x the time of torch.mm's frame
+// by frame, the pack included (~80 us a weight), and bit-identical results for any row count up to
+// the one packed for (checked down to 66; MKL leaves the packed buffer unchanged, so threads share
+// it). Memory is leased from the calling thread's arena (kept in `memory` for the call); one weight
+// per task, each packed by one MKL thread as the tiles' single-threaded GEMMs will read it (MKL asks
+// for the same thread count for packing and computing), so the packed bytes do not depend on the
+// thread count.
+void pack_mkl_weights(const std::vector<WeightLayout>& packings, int64_t rows, ArenaLease* memory) {
 #if AT_MKL_ENABLED()
   std::vector<size_t> offsets;
   size_t bytes = 0;
-  for (const MklPacking& w : packings) {
+  for (const WeightLayout& w : packings) {
     offsets.push_back(bytes);
     bytes += round_up_to_alignment(cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(rows),
                                                              static_cast<int>(w.n()), static_cast<int>(w.k())));
@@ -574,29 +559,38 @@ void pack_mkl_weights(const std::vector<MklPacking>& packings, int64_t rows, Are
   at::parallel_for(0, static_cast<int64_t>(packings.size()), 1, [&](int64_t begin, int64_t end) {
     const int previous = MKL_Set_Num_Threads_Local(1);
     for (int64_t i = begin; i < end; ++i) {
-      const MklPacking& w = packings[i];
+      const WeightLayout& w = packings[i];
       auto* packed = reinterpret_cast<float*>(memory->data() + offsets[i]);
       cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, w.transposed ? kCblasTranspose : kCblasNoTranspose,
                        static_cast<int>(rows), static_cast<int>(w.n()), static_cast<int>(w.k()), 1.0f,
                        w.source.const_data_ptr<float>(), static_cast<int>(w.source.size(1)), packed);
-      *w.target = MklPackedWeight{packed, w.k(), w.n()};
+      *w.target = LaidOutWeight{packed, w.k(), w.n()};
     }
     MKL_Set_Num_Threads_Local(previous);
   });
 #else
-  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: packed weights need MKL (see mkl_packed_weights)");
+  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: packed weights need MKL (see Shape::mkl_packed)");
 #endif
 }
 
-// c (m x b.n float32, leading dimension ldc) = a (m x b.k float32, leading dimension lda >= b.k) @ b.
-void mkl_packed_rows(const MklPackedWeight& b, const float* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
+// c (m x b.n float32, leading dimension ldc) = a (m x b.k float32, leading dimension lda >= b.k) @ b,
+// b packed by pack_mkl_weights.
+void mkl_packed_rows(const LaidOutWeight& b, const float* a, int64_t lda, int64_t m, float* c, int64_t ldc) {
 #if AT_MKL_ENABLED()
   cblas_sgemm_compute(kCblasRowMajor, kCblasNoTranspose, kCblasPacked, static_cast<int>(m), static_cast<int>(b.n),
-                      static_cast<int>(b.k), a, static_cast<int>(lda), b.data, static_cast<int>(b.n), 0.0f, c,
-                      static_cast<int>(ldc));
+                      static_cast<int>(b.k), a, static_cast<int>(lda), static_cast<const float*>(b.data),
+                      static_cast<int>(b.n), 0.0f, c, static_cast<int>(ldc));
 #else
-  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: packed weights need MKL (see mkl_packed_weights)");
+  TORCH_INTERNAL_ASSERT(false, "stadapter_cpp: packed weights need MKL (see Shape::mkl_packed)");
 #endif
+}
+
+// c = a @ b for float32 rows (as mkl_packed_rows) on a weight laid out for this call's GEMMs: by
+// lay_out_brgemm_weights (s.brgemm) or pack_mkl_weights (s.mkl_packed).
+void float_rows_times_weight(const Shape& s, const LaidOutWeight& b, const float* a, int64_t lda, int64_t m, float* c,
+                             int64_t ldc) {
+  if (s.brgemm) return brgemm_rows(b, a, lda, m, c, ldc);
+  mkl_packed_rows(b, a, lda, m, c, ldc);
 }
 
 // The parameters laid out for the kernels: the GEMMs' weights in the GEMM dtype (float32, or x's
@@ -609,11 +603,9 @@ struct Params {
   at::Tensor conv_bias;   // (Ca,)
   at::Tensor fc2_weight;  // (C, Ca)
   at::Tensor fc2_bias;    // (C,)
-  // brgemm only: the weights as the B operand of y = x @ fc1.T, up = a @ fc2.T, and the backward's
-  // da = g @ fc2 and dx = dy @ fc1.
-  BrgemmWeight down, up, up_grad, down_grad;
-  // s.mkl_packed only: the same four, packed by MKL.
-  MklPackedWeight packed_down, packed_up, packed_up_grad, packed_down_grad;
+  // brgemm or s.mkl_packed only: the weights as the B operand of y = x @ fc1.T, up = a @ fc2.T, and
+  // the backward's da = g @ fc2 and dx = dy @ fc1, laid out for brgemm or packed by MKL.
+  LaidOutWeight down, up, up_grad, down_grad;
   ArenaLease weight_memory;  // what they point into (not the float32 weights brgemm takes as they are)
 };
 
@@ -628,24 +620,19 @@ Params prepare_params(const Shape& s, const at::Tensor& fc1_weight, const std::o
   p.fc1_weight = as_gemm(fc1_weight);
   if (s.widened_down) p.fc1_weight_wide = as_f32(fc1_weight);
   p.fc2_weight = as_gemm(fc2_weight);
-  if (s.brgemm) {
-    std::vector<BrgemmLayout> layouts{{p.fc1_weight, /*transposed=*/true, &p.down}};
+  if (s.brgemm || s.mkl_packed) {
+    std::vector<WeightLayout> layouts{{p.fc1_weight, /*transposed=*/true, &p.down}};
     if (backward) {
       layouts.push_back({p.fc2_weight, /*transposed=*/false, &p.up_grad});
       layouts.push_back({p.fc1_weight, /*transposed=*/false, &p.down_grad});
     } else {
       layouts.push_back({p.fc2_weight, /*transposed=*/true, &p.up});
     }
-    lay_out_brgemm_weights(layouts, &p.weight_memory);
-  } else if (s.mkl_packed) {
-    std::vector<MklPacking> packings{{p.fc1_weight, /*transposed=*/true, &p.packed_down}};
-    if (backward) {
-      packings.push_back({p.fc2_weight, /*transposed=*/false, &p.packed_up_grad});
-      packings.push_back({p.fc1_weight, /*transposed=*/false, &p.packed_down_grad});
+    if (s.brgemm) {
+      lay_out_brgemm_weights(layouts, &p.weight_memory);
     } else {
-      packings.push_back({p.fc2_weight, /*transposed=*/true, &p.packed_up});
+      pack_mkl_weights(layouts, s.tile, &p.weight_memory);
     }
-    pack_mkl_weights(packings, s.tile, &p.weight_memory);
   }
   p.row_bias = at::zeros({s.batch, s.bottleneck}, f32);
   if (fc1_bias) p.row_bias.add_(fc1_bias->to(at::kFloat));
@@ -1055,12 +1042,12 @@ const T* non_overlapping_rows(const T* src, int64_t ld, int64_t rows, int64_t co
   return buffer;
 }
 
-// c (rows x b.n float32, contiguous) = the token rows (ld apart) @ b through brgemm: 16-bit rows
-// as they are with native_gemm, else as float32 (widened into `wide`, which also takes float32
-// rows that overlap).
+// c (rows x b.n float32, contiguous) = the token rows (ld apart) @ b, laid out for this call: 16-bit
+// rows as they are with native_gemm (brgemm), else as float32 (widened into `wide`, which also
+// takes float32 rows that overlap; brgemm or MKL's packed GEMM).
 template <typename scalar_t>
-void brgemm_token_rows(const Shape& s, const BrgemmWeight& b, const scalar_t* src, int64_t ld, int64_t rows,
-                       float* c, float* wide, scalar_t* narrow) {
+void token_rows_times_weight(const Shape& s, const LaidOutWeight& b, const scalar_t* src, int64_t ld, int64_t rows,
+                             float* c, float* wide, scalar_t* narrow) {
   int64_t lda = 0;
   if (s.native_gemm) {
     const scalar_t* operand = non_overlapping_rows(src, ld, rows, s.channels, narrow, &lda);  // sets lda first
@@ -1069,11 +1056,11 @@ void brgemm_token_rows(const Shape& s, const BrgemmWeight& b, const scalar_t* sr
   }
   const float* rows_f32 = widen_rows(src, ld, rows, s.channels, wide, &lda);
   rows_f32 = non_overlapping_rows(rows_f32, lda, rows, s.channels, wide, &lda);
-  brgemm_rows(b, rows_f32, lda, rows, c, b.n);
+  float_rows_times_weight(s, b, rows_f32, lda, rows, c, b.n);
 }
 
 // y[f] = x[b, f, tile] @ fc1_weight.T + row_bias[b] into the ring slot of each frame f in [f0, f1):
-// through brgemm, one call per frame; else with several frames (s.down_frames > 1: frames back to
+// on a laid-out weight (brgemm, MKL's packed GEMM), one call per frame; else with several frames (s.down_frames > 1: frames back to
 // back), one GEMM over their rows from the first patch of f0 to the last of f1 - 1, the prefix rows
 // between frames included and dropped.
 template <typename scalar_t>
@@ -1081,10 +1068,10 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
                      int64_t f1, int64_t l0, int64_t rows, Scratch<scalar_t>& w) {
   const int64_t ca = s.bottleneck;
   const float* bias = p.row_bias.data_ptr<float>() + b * ca;
-  if (s.brgemm) {  // the float32 accumulator is the ring slot
+  if (s.brgemm || s.mkl_packed) {  // the float32 result is the ring slot
     for (int64_t f = f0; f < f1; ++f) {
       float* y = w.ring_y + s.y_slot(f) * s.tile * ca;
-      brgemm_token_rows(s, p.down, x.row(b, f, l0), x.stride_l, rows, y, w.wide_x, w.narrow_out);
+      token_rows_times_weight(s, p.down, x.row(b, f, l0), x.stride_l, rows, y, w.wide_x, w.narrow_out);
       if (!s.bias_in_conv) add_row_bias(y, bias, rows, ca);
     }
     return;
@@ -1102,13 +1089,8 @@ void down_projection(const Shape& s, const Params& p, const Rows<const scalar_t>
   float* y = w.ring_y + s.y_slot(f0) * s.tile * ca;
   int64_t ld = 0;
   const float* wide = widen_rows(x.row(b, f0, l0), x.stride_l, rows, s.channels, w.wide_x, &ld);
-  if (s.mkl_packed) {
-    wide = non_overlapping_rows(wide, ld, rows, s.channels, w.wide_x, &ld);  // rows that overlap copied
-    mkl_packed_rows(p.packed_down, wide, ld, rows, y, ca);
-  } else {
-    const at::Tensor& weight = s.widened_down ? p.fc1_weight_wide : p.fc1_weight;
-    gemm(y, ca, block(wide, rows, s.channels, ld), weight.t(), 1.0f, 0.0f);
-  }
+  const at::Tensor& weight = s.widened_down ? p.fc1_weight_wide : p.fc1_weight;
+  gemm(y, ca, block(wide, rows, s.channels, ld), weight.t(), 1.0f, 0.0f);
   if (!s.bias_in_conv) add_row_bias(y, bias, rows, ca);
 }
 
@@ -1171,7 +1153,7 @@ void forward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& x
     } else {
       conv_activation<A>(s, p, w.ring_y, t, rows, w.a, nullptr, w.row_u, row_bias);
       if (s.mkl_packed) {
-        mkl_packed_rows(p.packed_up, w.a, ca, rows, w.wide_out, c_dim);
+        mkl_packed_rows(p.up, w.a, ca, rows, w.wide_out, c_dim);
       } else {
         gemm(w.wide_out, c_dim, block(w.a, rows, ca, ca), p.fc2_weight.t(), 1.0f, 0.0f);
       }
@@ -1272,21 +1254,15 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         add_column_sums(d_fc2_bias, g_block.data_ptr<float>(), g_block.stride(0), rows, c_dim, scale);
       }
       float da_scale = 1.0f;
-      if (s.brgemm) {  // the float32 accumulator is da; the scale is applied where dz reads it
+      if (s.brgemm || s.mkl_packed) {  // the float32 result is da; the scale is applied where dz reads it
         if (s.native_gemm) {
           brgemm_rows(p.up_grad, g_block.const_data_ptr<scalar_t>(), g_block.stride(0), rows, w.bottleneck_grad, ca);
         } else {
           int64_t ld = 0;
           const float* rows_f32 =
               non_overlapping_rows(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
-          brgemm_rows(p.up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
+          float_rows_times_weight(s, p.up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
         }
-        da_scale = scale;
-      } else if (s.mkl_packed) {  // as brgemm's: the scale applied where dz reads da
-        int64_t ld = 0;
-        const float* rows_f32 =
-            non_overlapping_rows(g_block.const_data_ptr<float>(), g_block.stride(0), rows, c_dim, w.wide_g, &ld);
-        mkl_packed_rows(p.packed_up_grad, rows_f32, ld, rows, w.bottleneck_grad, ca);
         da_scale = scale;
       } else {
         gemm_to_float(w.bottleneck_grad, g_block, p.fc2_weight, scale, w);
@@ -1349,19 +1325,16 @@ void backward_tile(const Shape& s, const Params& p, const Rows<const scalar_t>& 
         first_fc1 = false;
       }
       // dx = g + dy @ fc1_weight (without s.residual, no g), the residual fused into the epilogue.
-      if (s.brgemm) {
+      if (s.brgemm || s.mkl_packed) {
         if (s.native_gemm) {
           brgemm_rows(p.down_grad, dy_block.const_data_ptr<scalar_t>(), ca, rows, w.wide_out, c_dim);
         } else {
-          brgemm_rows(p.down_grad, dy, ca, rows, w.wide_out, c_dim);
+          float_rows_times_weight(s, p.down_grad, dy, ca, rows, w.wide_out, c_dim);
         }
         residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
       } else if (s.native_gemm) {
         gemm(w.narrow_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
         residual_rows(s, dx, g, b, u, l0, rows, w.narrow_out, nullptr, 1.0f);
-      } else if (s.mkl_packed) {
-        mkl_packed_rows(p.packed_down_grad, dy, ca, rows, w.wide_out, c_dim);
-        residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
       } else {
         gemm(w.wide_out, c_dim, dy_block, p.fc1_weight, 1.0f, 0.0f);
         residual_rows(s, dx, g, b, u, l0, rows, w.wide_out, nullptr, 1.0f);
@@ -1433,13 +1406,13 @@ bool brgemm_matches_exact_product(at::ScalarType dtype) {
   const auto wide = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor a = at::arange(m * k, wide).remainder(11).sub(5).view({m, k}).to(dtype);
   const at::Tensor b = at::arange(k * n, wide).remainder(7).sub(3).view({k, n}).to(dtype);
-  BrgemmWeight upright, transposed;
+  LaidOutWeight upright, transposed;
   ArenaLease memory;
   lay_out_brgemm_weights({{b, /*transposed=*/false, &upright}, {b.t().contiguous(), /*transposed=*/true, &transposed}},
                          &memory);
   const at::Tensor exact = at::mm(a.to(at::kFloat), b.to(at::kFloat));
   const BrgemmScope brgemm_scope(/*vnni=*/dtype != at::kFloat);
-  for (const BrgemmWeight* weight : {&upright, &transposed}) {
+  for (const LaidOutWeight* weight : {&upright, &transposed}) {
     at::Tensor c = at::empty({m, n}, wide);
     dispatch_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
